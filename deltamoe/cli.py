@@ -1,0 +1,68 @@
+"""`deltamoe <subcommand>`: one CLI for every job outside the trainer.
+
+Each subcommand lives in its own module, which defines `add_arguments(parser)` and `main(args) -> int | None`.
+Modules are imported only when their subcommand runs, so `deltamoe graft` never pays for importing megatron-core.
+Training runs through torchrun: `torchrun --nproc-per-node 8 -m deltamoe.megatron_ext.training.train ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from deltamoe.common.errors import DeltaMoEError
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "import": ("deltamoe.converters.hf_to_megatron", "Hugging Face dense checkpoint -> Megatron torch_dist checkpoint"),
+    "export": ("deltamoe.converters.megatron_to_hf", "Megatron torch_dist checkpoint (dense or MoE) -> Hugging Face safetensors"),
+    "upcycle": ("deltamoe.megatron_ext.moe.upcycle_cli", "Megatron dense checkpoint -> upcycled MoE checkpoint (expert 0 = original FFN)"),
+    "prepare-data": ("deltamoe.megatron_ext.data.prepare", "text/JSONL -> Megatron indexed dataset with a language tag"),
+    "graft": ("deltamoe.converters.graft", "graft the post-training delta (instruct - base) into every expert of an HF MoE"),
+    "merge": ("deltamoe.converters.merge", "dense merge baselines: ParamDelta, task arithmetic, TIES, DARE"),
+    "eval": ("deltamoe.evaluation.runner", "score a Hugging Face checkpoint on a suite of local tasks"),
+    "report": ("deltamoe.evaluation.report", "compare eval results of several models: Markdown, JSON and plots"),
+    "pipeline": ("deltamoe.recipes.pipeline", "run a recipe end to end: import -> upcycle -> train -> export -> graft -> eval -> report"),
+    "fetch-demo-assets": ("deltamoe.recipes.demo_assets", "fetch and verify the offline demo assets (SmolLM2, public texts)"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = [f"  {name:<18} {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
+    parser = argparse.ArgumentParser(
+        prog="deltamoe",
+        description="DeltaMoE: upcycle a dense LLM into language experts and graft its post-training delta.",
+        epilog="subcommands:\n" + "\n".join(lines) + "\n\nRun `deltamoe <subcommand> --help` for each one's options and an example.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("subcommand", choices=list(SUBCOMMANDS), metavar="subcommand")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser = _top_parser()
+        if not argv or argv[0] in ("-h", "--help"):
+            parser.print_help()
+            return 0 if argv else 2
+        parser.parse_args(argv[:1])  # prints the usage error and exits 2
+    name = argv[0]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    parser = argparse.ArgumentParser(
+        prog=f"deltamoe {name}",
+        description=(module.__doc__ or SUBCOMMANDS[name][1]).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.main(args) or 0)
+    except DeltaMoEError as e:
+        print(f"deltamoe {name}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
