@@ -1,0 +1,187 @@
+"""Import a dense Hugging Face checkpoint into a Megatron `torch_dist` checkpoint that Megatron-LM's trainer loads.
+
+Example (one process; a CPU is enough):
+    deltamoe import --hf /models/Qwen2.5-0.5B --out /ckpt/qwen2.5-0.5b-megatron
+
+Tensor-parallel layout at import (the checkpoint still loads at any TP/PP afterwards):
+    torchrun --nproc-per-node 2 -m deltamoe import --hf /models/Llama-3.2-1B --out /ckpt/llama --tp 2
+
+Then train with `--load /ckpt/llama --ckpt-format torch_dist --tokenizer-model /ckpt/llama`.
+Every HF tensor is consumed by the architecture's mapping table or dropped explicitly; shapes are checked tensor by
+tensor; tensors are read lazily from the safetensors shards. The output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from deltamoe.common.errors import DeltaMoEError
+from deltamoe.common.hashing import sha256_dir
+from deltamoe.common.outputs import atomic_output_dir, check_output_dir
+from deltamoe.converters.architectures import read_architecture_config
+from deltamoe.converters.architectures.base import Transform
+from deltamoe.converters.mapping import check_hf_accounting, expand_rules, global_name
+from deltamoe.converters.safetensors_io import SafetensorsReader, copy_tokenizer_files, read_config
+from deltamoe.converters.transforms import tensor_parallel_slice, to_megatron
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
+    parser.add_argument("--out", required=True, help="output Megatron checkpoint folder (must not exist)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this import run (needs that many processes)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this import run")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="parameter dtype (auto: the HF weights' dtype)")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                        help="pad the vocabulary to a multiple of this, as Megatron-LM's trainer does")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _hf_dtype(reader: SafetensorsReader) -> torch.dtype:
+    name = next(iter(reader.keys()))
+    return reader.get(name).dtype
+
+
+def convert_into(model, reader: SafetensorsReader, hf_config: dict, *, padded_vocab: int, source: str) -> None:
+    """Fill a Megatron model (this rank's shard) from a HF reader, checking every tensor's shape."""
+    from megatron.core import parallel_state
+
+    arch, config = read_architecture_config(hf_config, source=f"{source}/config.json")
+    bindings = expand_rules(arch.rules, config)
+    check_hf_accounting(bindings, reader.keys(), arch.dropped_hf, source)
+    _check_shapes(bindings, reader, config, source)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    offset = _layer_offset(model)
+    params = dict(model.named_parameters())
+    if config.tie_word_embeddings and "output_layer.weight" in params:
+        params.pop("output_layer.weight")  # tied: shares the embedding on the last pipeline stage
+    with torch.no_grad():
+        for local_name, param in tqdm(params.items(), desc="import", disable=torch.distributed.get_rank() != 0):
+            name = global_name(local_name, offset)
+            if name not in bindings:
+                raise DeltaMoEError(f"{source}: megatron parameter {name!r} has no mapping for {arch.name}")
+            binding = bindings[name]
+            full = to_megatron(binding.rule.transform, [reader.get(h) for h in binding.hf], config, padded_vocab)
+            local = full
+            if getattr(param, "tensor_model_parallel", False):
+                local = tensor_parallel_slice(
+                    full, partition_dim=param.partition_dim, rank=tp_rank, size=tp_size,
+                    gated=binding.rule.transform is Transform.GATED_FC1,
+                )
+            if tuple(local.shape) != tuple(param.shape):
+                raise DeltaMoEError(
+                    f"{source}: {binding.hf[0]} gives {name} of shape {tuple(local.shape)}, model expects {tuple(param.shape)}"
+                )
+            param.copy_(local.to(param.dtype))
+
+
+def _layer_offset(model) -> int:
+    layers = getattr(getattr(model, "decoder", None), "layers", None)
+    return layers[0].layer_number - 1 if layers is not None and len(layers) else 0
+
+
+def _check_shapes(bindings, reader: SafetensorsReader, config, source: str) -> None:
+    """Shapes HF tensors must have for the config (nanoGPT's from_pretrained check), before any conversion work."""
+    h, d = config.hidden_size, config.kv_channels
+    expected_by_suffix = {
+        "embed_tokens.weight": (config.vocab_size, h),
+        "lm_head.weight": (config.vocab_size, h),
+        "q_proj.weight": (config.num_attention_heads * d, h),
+        "k_proj.weight": (config.num_query_groups * d, h),
+        "v_proj.weight": (config.num_query_groups * d, h),
+        "q_proj.bias": (config.num_attention_heads * d,),
+        "k_proj.bias": (config.num_query_groups * d,),
+        "v_proj.bias": (config.num_query_groups * d,),
+        "o_proj.weight": (h, config.num_attention_heads * d),
+        "gate_proj.weight": (config.ffn_hidden_size, h),
+        "up_proj.weight": (config.ffn_hidden_size, h),
+        "down_proj.weight": (h, config.ffn_hidden_size),
+        "q_norm.weight": (d,),
+        "k_norm.weight": (d,),
+        "layernorm.weight": (h,),
+        "norm.weight": (h,),
+    }
+    for binding in bindings.values():
+        for name in binding.hf:
+            suffix = next((s for s in expected_by_suffix if name.endswith(s)), None)
+            shape = tuple(reader.shape(name))
+            if suffix and shape != expected_by_suffix[suffix]:
+                raise DeltaMoEError(
+                    f"{source}: tensor {name!r} has shape {shape}, config.json implies {expected_by_suffix[suffix]}"
+                )
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
+              vocab_divisible_by: int = 128, overwrite: bool = False) -> Path:
+    """Convert; every rank of the (tp x pp) group calls this. Returns the output folder."""
+    from deltamoe.megatron_ext.runtime.checkpoint import CheckpointMetadata, save_checkpoint
+    from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
+    from deltamoe.megatron_ext.runtime.model_builder import (
+        build_gpt_model, check_tensor_parallel, padded_vocab_size, transformer_config,
+    )
+
+    hf_dir = Path(hf_dir)
+    hf_config = read_config(hf_dir)
+    _, config = read_architecture_config(hf_config, source=str(hf_dir / "config.json"))
+    padded = padded_vocab_size(config.vocab_size, vocab_divisible_by)
+    check_tensor_parallel(config, tp, padded, source=str(hf_dir / "config.json"))
+    if config.num_layers % pp:
+        raise DeltaMoEError(f"{hf_dir}/config.json: pipeline-parallel size {pp} does not divide num_hidden_layers ({config.num_layers})")
+    check_output_dir(out, inputs=[hf_dir], overwrite=overwrite)
+    reader = SafetensorsReader(hf_dir)
+    params_dtype = _hf_dtype(reader) if dtype == "auto" else DTYPES[dtype]
+
+    init_distributed(ParallelLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    world = torch.distributed.get_world_size()
+    if world != tp * pp:
+        raise DeltaMoEError(f"import runs with tp x pp = {tp * pp} processes, got {world} (launch with torchrun --nproc-per-node {tp * pp})")
+    from megatron.core import parallel_state
+
+    cfg = transformer_config(config, params_dtype=params_dtype, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    model = build_gpt_model(config, cfg, padded_vocab=padded, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
+    convert_into(model, reader, hf_config, padded_vocab=padded, source=str(hf_dir))
+
+    started = time.time()
+    meta = CheckpointMetadata(
+        hf_config=hf_config,
+        padded_vocab_size=padded,
+        params_dtype=str(params_dtype).removeprefix("torch."),
+        source={"hf": str(hf_dir.resolve()), "sha256": sha256_dir(hf_dir) if torch.distributed.get_rank() == 0 else {},
+                "imported_with": {"tp": tp, "pp": pp}},
+    )
+    # All ranks write into the same temporary folder; rank 0 renames it when every rank is done.
+    out = Path(out).resolve()
+    tmp_holder = [None]
+    if torch.distributed.get_rank() == 0:
+        ctx = atomic_output_dir(out, inputs=[hf_dir], overwrite=overwrite)
+        tmp_holder[0] = str(ctx.__enter__())
+    torch.distributed.broadcast_object_list(tmp_holder, src=0)
+    tmp = Path(tmp_holder[0])
+    try:
+        save_checkpoint(model, tmp, meta)
+        if torch.distributed.get_rank() == 0:
+            copy_tokenizer_files(hf_dir, tmp)
+    except BaseException as e:
+        if torch.distributed.get_rank() == 0:
+            ctx.__exit__(type(e), e, e.__traceback__)
+        raise
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        ctx.__exit__(None, None, None)
+        print(f"imported {hf_dir} -> {out} ({config.architecture}, {world} process(es), {time.time() - started:.1f}s save)")
+    torch.distributed.barrier()
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    import_hf(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+              vocab_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite)
+    return 0

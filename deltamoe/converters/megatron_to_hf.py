@@ -1,0 +1,145 @@
+"""Export a Megatron checkpoint (dense, or an upcycled MoE from any TP/EP layout) to Hugging Face safetensors.
+
+Examples:
+    deltamoe export --megatron /ckpt/qwen2.5-0.5b-megatron --out /models/qwen2.5-0.5b-roundtrip
+    deltamoe export --megatron /ckpt/llama-moe-stage2 --out /models/llama-deltamoe --format auto   # -> Mixtral
+
+A dense checkpoint exports to its source architecture with its original config.json. An MoE exports to Mixtral
+(Llama family), Qwen2-MoE or Qwen3-MoE (`--format auto` picks by the source architecture; the shared-expert variant
+goes to Qwen2-MoE, the format with a shared expert). The checkpoint is loaded in one process at TP=EP=1 (torch_dist
+reshards whatever layout it was saved with); shards are written as they fill, with an index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from deltamoe.common.errors import DeltaMoEError
+from deltamoe.common.outputs import atomic_output_dir, check_output_dir
+from deltamoe.converters.architectures import read_architecture_config
+from deltamoe.converters.architectures.moe import MOE_FORMATS, moe_hf_config
+from deltamoe.converters.mapping import expand_rules
+from deltamoe.converters.safetensors_io import TOKENIZER_FILES, ShardWriter
+from deltamoe.converters.transforms import to_hf
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--megatron", required=True, help="Megatron checkpoint folder (from import/upcycle/training)")
+    parser.add_argument("--out", required=True, help="output Hugging Face folder (must not exist)")
+    parser.add_argument("--format", default="auto", choices=["auto", *MOE_FORMATS], help="HF MoE format for MoE checkpoints")
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPES), help="output dtype (auto: the checkpoint's)")
+    parser.add_argument("--max-shard-size-gb", type=float, default=2.0, help="largest safetensors shard")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def choose_format(requested: str, arch_name: str, moe: dict) -> str:
+    from deltamoe.converters.architectures import ARCHITECTURES
+
+    if requested != "auto":
+        return requested
+    if moe.get("shared_expert_intermediate_size"):
+        if arch_name == "qwen3":
+            raise DeltaMoEError("the shared-expert variant of a Qwen3 model has no HF format (Qwen3-MoE has no shared expert)")
+        return "qwen2_moe"
+    return ARCHITECTURES[arch_name].moe_format
+
+
+def hf_tensors(state: dict[str, torch.Tensor], hf_config: dict, *, moe: dict | None, fmt_name: str | None):
+    """Yield (hf_name, tensor) from a whole (TP=EP=1) megatron state dict; every megatron tensor must be consumed."""
+    arch, config = read_architecture_config(hf_config)
+    if moe is None:
+        bindings = expand_rules(arch.rules, config)
+    else:
+        fmt = MOE_FORMATS[fmt_name]
+        flags = {"shared_expert": bool(moe.get("shared_expert_intermediate_size")),
+                 "shared_expert_gate": bool(moe.get("shared_expert_gate"))}
+        bindings = expand_rules(fmt.rules, _WithFlags(config, flags), num_experts=moe["num_experts"])
+    params = {k: v for k, v in state.items() if not k.endswith("._extra_state")}
+    if config.tie_word_embeddings:
+        params.pop("output_layer.weight", None)
+    unused = sorted(set(params) - set(bindings))
+    if unused:
+        raise DeltaMoEError(f"megatron tensor {unused[0]!r} has no mapping to the HF format ({len(unused)} unmapped)")
+    for name, binding in bindings.items():
+        if name not in params:
+            raise DeltaMoEError(f"megatron checkpoint lacks tensor {name!r}")
+        for hf_name, t in zip(binding.hf, to_hf(binding.rule.transform, params[name], config)):
+            yield hf_name, t
+    if moe is not None and fmt_name == "qwen2_moe" and not moe.get("shared_expert_intermediate_size"):
+        yield from _zero_shared_experts(config)
+
+
+def _zero_shared_experts(config):
+    """Qwen2-MoE always has a shared expert: a 1-wide one with zero down-projection adds exactly nothing."""
+    from deltamoe.converters.architectures.moe import ZERO_SHARED_EXPERT_SIZE as n
+
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}.mlp"
+        yield f"{p}.shared_expert.gate_proj.weight", torch.zeros(n, config.hidden_size)
+        yield f"{p}.shared_expert.up_proj.weight", torch.zeros(n, config.hidden_size)
+        yield f"{p}.shared_expert.down_proj.weight", torch.zeros(config.hidden_size, n)
+        yield f"{p}.shared_expert_gate.weight", torch.zeros(1, config.hidden_size)
+
+
+class _WithFlags:
+    """An ArchitectureConfig with extra rule flags (shared_expert, shared_expert_gate)."""
+
+    def __init__(self, config, flags: dict[str, bool]):
+        self._config, self._flags = config, flags
+
+    def __getattr__(self, name):
+        return self._flags[name] if name in self._flags else getattr(self._config, name)
+
+
+def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str = "auto",
+           max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
+    from deltamoe.megatron_ext.moe.plan import PLAN_FILE
+    from deltamoe.megatron_ext.runtime.checkpoint import load_model, read_metadata
+    from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
+
+    started = time.time()
+    megatron_dir = Path(megatron_dir)
+    meta = read_metadata(megatron_dir)
+    check_output_dir(out, inputs=[megatron_dir], overwrite=overwrite)
+    arch, _ = read_architecture_config(meta.hf_config)
+    fmt_name = choose_format(fmt, arch.name, meta.moe) if meta.moe else None
+    if fmt != "auto" and not meta.moe:
+        raise DeltaMoEError(f"{megatron_dir} is a dense checkpoint; --format applies to MoE checkpoints only")
+
+    init_distributed(ParallelLayout())
+    if torch.distributed.get_world_size() != 1:
+        raise DeltaMoEError("export runs in one process (torch_dist reshards any saved layout); launch it without torchrun")
+    # Grouped-GEMM training checkpoints load into the sequential-expert model: the torch_dist keys are the same.
+    model, meta = load_model(megatron_dir, spec="local", moe_overrides={"grouped_gemm": False} if meta.moe else None)
+    # Megatron keeps some tensors (norms) in float32 whatever the model dtype: write everything in one dtype.
+    out_dtype = DTYPES[dtype] or getattr(torch, meta.params_dtype)
+    hf_config = moe_hf_config(meta.hf_config, MOE_FORMATS[fmt_name], meta.moe) if meta.moe else dict(meta.hf_config)
+    hf_config["dtype"] = str(out_dtype).removeprefix("torch.")
+
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    with atomic_output_dir(out, inputs=[megatron_dir], overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes)
+        for hf_name, t in tqdm(hf_tensors(state, meta.hf_config, moe=meta.moe, fmt_name=fmt_name), desc="export"):
+            writer.add(hf_name, t.to(out_dtype))
+        writer.finish()
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        for name in (*TOKENIZER_FILES, "generation_config.json", PLAN_FILE):
+            if (megatron_dir / name).exists():
+                shutil.copy2(megatron_dir / name, tmp / name)
+    print(f"exported {megatron_dir} -> {out} ({fmt_name or arch.name}) in {time.time() - started:.1f}s")
+    return Path(out)
+
+
+def main(args: argparse.Namespace) -> int:
+    export(args.megatron, args.out, fmt=args.format, dtype=args.dtype,
+           max_shard_bytes=int(args.max_shard_size_gb * 1024**3), overwrite=args.overwrite)
+    return 0

@@ -1,0 +1,139 @@
+"""Megatron checkpoints in the layout Megatron-LM's trainer reads with `--load DIR --ckpt-format torch_dist`.
+
+    DIR/latest_checkpointed_iteration.txt   "release" (a converted checkpoint has no training iteration)
+    DIR/release/                            torch_dist shards (resharded on load: any TP/PP/EP)
+    DIR/deltamoe.json                       what the model is: the source HF config, padded vocab, MoE settings
+    DIR/deltamoe_upcycle.json               MoE only: the upcycle plan (see moe/plan.py)
+    DIR/tokenizer files                     so `--tokenizer-model DIR` works
+
+Training checkpoints that the trainer writes into the same folder (`iter_0000100/`) load the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import queue
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deltamoe.common.errors import DeltaMoEError
+from deltamoe.common.hashing import versions
+
+METADATA_FILE = "deltamoe.json"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+
+
+@dataclass(kw_only=True)
+class CheckpointMetadata:
+    hf_config: dict
+    """config.json of the dense Hugging Face model the checkpoint came from."""
+    padded_vocab_size: int
+    params_dtype: str = "float32"
+    moe: dict | None = None
+    """MoESettings fields for an upcycled checkpoint; None for a dense one."""
+    source: dict = field(default_factory=dict)
+    """Where the weights came from: paths and sha256 of input files, command."""
+    versions: dict = field(default_factory=versions)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        (Path(folder) / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+
+def read_metadata(folder: str | os.PathLike) -> CheckpointMetadata:
+    path = Path(folder) / METADATA_FILE
+    if not path.exists():
+        raise DeltaMoEError(f"{path}: missing (expected a DeltaMoE Megatron checkpoint made by `deltamoe import`)")
+    try:
+        return CheckpointMetadata(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise DeltaMoEError(f"{path}: not valid DeltaMoE checkpoint metadata: {e}") from None
+
+
+def checkpoint_dir(folder: str | os.PathLike) -> Path:
+    """The torch_dist folder that `--load folder` would read: the tracker's iteration or `release`."""
+    folder = Path(folder)
+    tracker = folder / TRACKER_FILE
+    if not tracker.exists():
+        raise DeltaMoEError(f"{tracker}: missing (not a Megatron checkpoint folder)")
+    value = tracker.read_text().strip()
+    sub = folder / ("release" if value == "release" else f"iter_{int(value):07d}")
+    if not (sub / "metadata.json").exists():
+        raise DeltaMoEError(f"{sub}: torch_dist checkpoint missing or incomplete (no metadata.json)")
+    return sub
+
+
+def _sharded_metadata() -> dict:
+    """The content metadata Megatron-LM's trainer uses for model state (checkpointing._build_sharded_state_dict_metadata)."""
+    return {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+
+
+@contextlib.contextmanager
+def _in_process_write_results():
+    """Synchronous saves write with threads of this process; megatron's default result queue is a spawned
+    multiprocessing Manager, which costs a process start per save and breaks scripts without a __main__ guard."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
+
+
+def save_checkpoint(model, folder: str | os.PathLike, metadata: CheckpointMetadata) -> None:
+    """Save `model` (every rank calls this) as a release checkpoint the trainer loads with --load."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    folder = Path(folder)
+    release = folder / "release"
+    if torch.distributed.get_rank() == 0:
+        release.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    sharded_metadata = {**_sharded_metadata(), "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    state = {
+        "model": model.sharded_state_dict(metadata=sharded_metadata),
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": 0,
+    }
+    with _in_process_write_results():
+        dist_checkpointing.save(state, str(release), content_metadata=_sharded_metadata())
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        (folder / TRACKER_FILE).write_text("release")
+        metadata.save(folder)
+    torch.distributed.barrier()
+
+
+def load_model(folder: str | os.PathLike, *, spec: str = "auto", params_dtype: torch.dtype | None = None,
+               moe_overrides: dict | None = None, **parallel):
+    """Build the checkpoint's model in the current parallel state and load its weights (resharding as needed)."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from deltamoe.converters.architectures import read_architecture_config
+    from deltamoe.megatron_ext.runtime.model_builder import MoESettings, build_gpt_model, transformer_config
+
+    meta = read_metadata(folder)
+    _, arch_config = read_architecture_config(meta.hf_config, source=str(Path(folder) / METADATA_FILE))
+    moe = MoESettings(**{**meta.moe, **(moe_overrides or {})}) if meta.moe else None
+    dtype = params_dtype or getattr(torch, meta.params_dtype)
+    parallel.setdefault("tensor_model_parallel_size", parallel_state.get_tensor_model_parallel_world_size())
+    parallel.setdefault("pipeline_model_parallel_size", parallel_state.get_pipeline_model_parallel_world_size())
+    parallel.setdefault("expert_model_parallel_size", parallel_state.get_expert_model_parallel_world_size())
+    cfg = transformer_config(arch_config, moe=moe, params_dtype=dtype, **parallel)
+    model = build_gpt_model(arch_config, cfg, padded_vocab=meta.padded_vocab_size, spec=spec)
+    sharded_metadata = {**_sharded_metadata(), "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    sharded = model.sharded_state_dict(metadata=sharded_metadata)
+    loaded = dist_checkpointing.load({"model": sharded}, str(checkpoint_dir(folder)))
+    model.load_state_dict(loaded["model"], strict=True)
+    return model, meta

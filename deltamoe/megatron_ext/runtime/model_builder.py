@@ -1,0 +1,168 @@
+"""Build a megatron-core `GPTModel` from a Hugging Face config (Llama, Qwen2/2.5, Qwen3), dense or upcycled MoE.
+
+The HF config is read through the architecture tables in `deltamoe.converters.architectures`; the resulting
+`TransformerConfig` is megatron-core's own (we compose it, never mirror its fields). Fused-kernel switches that need
+Transformer Engine or apex are turned off when those are absent, so the same builder serves CPU tests and GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from deltamoe.common.errors import DeltaMoEError
+from deltamoe.converters.architectures import read_architecture_config
+from deltamoe.converters.architectures.base import ArchitectureConfig
+from deltamoe.megatron_ext.runtime import specs
+
+
+@dataclass(kw_only=True)
+class MoESettings:
+    num_experts: int
+    topk: int
+    grouped_gemm: bool = False
+    ffn_hidden_size: int | None = None
+    """Routed expert intermediate size (granular upcycling); default: the dense FFN size."""
+    shared_expert_intermediate_size: int | None = None
+    shared_expert_gate: bool = False
+    aux_loss_coeff: float = 0.0
+    token_dispatcher: str = "alltoall"
+
+    def __post_init__(self):
+        if self.num_experts < 2:
+            raise DeltaMoEError(f"num_experts ({self.num_experts}) must be at least 2")
+        if not 1 <= self.topk <= self.num_experts:
+            raise DeltaMoEError(f"topk ({self.topk}) must be between 1 and num_experts ({self.num_experts})")
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int = 128) -> int:
+    """Megatron pads the vocabulary so every tensor-parallel shard is equal; we pad once, independent of TP."""
+    return int(math.ceil(vocab_size / divisible_by) * divisible_by)
+
+
+def check_tensor_parallel(config: ArchitectureConfig, tp: int, padded_vocab: int, source: str = "model") -> None:
+    checks = {
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads (query groups)": config.num_query_groups,
+        "intermediate_size (FFN)": config.ffn_hidden_size,
+        "padded vocabulary": padded_vocab,
+    }
+    for field_name, value in checks.items():
+        if value % tp:
+            raise DeltaMoEError(f"{source}: tensor-parallel size {tp} does not divide {field_name} ({value})")
+
+
+def transformer_config(
+    config: ArchitectureConfig,
+    *,
+    moe: MoESettings | None = None,
+    params_dtype: torch.dtype = torch.float32,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    **overrides,
+):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_query_groups,
+        kv_channels=config.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=config.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=config.qkv_bias,
+        qk_layernorm=config.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=not gpu,
+        # Fusions that need Transformer Engine / apex kernels; torch fallbacks otherwise.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+    if moe is not None:
+        kwargs.update(
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.topk,
+            moe_ffn_hidden_size=moe.ffn_hidden_size or config.ffn_hidden_size,
+            moe_grouped_gemm=moe.grouped_gemm,
+            moe_shared_expert_intermediate_size=moe.shared_expert_intermediate_size,
+            moe_shared_expert_gate=moe.shared_expert_gate,
+            moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+            moe_aux_loss_coeff=moe.aux_loss_coeff,
+            moe_token_dispatcher_type=moe.token_dispatcher,
+            # softmax over all experts -> top-k -> renormalise (equivalently softmax over the top-k logits).
+            moe_router_score_function="softmax",
+            moe_router_pre_softmax=False,
+            moe_router_dtype="fp32",
+            moe_permute_fusion=False,
+        )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(
+    config: ArchitectureConfig,
+    transformer_cfg,
+    *,
+    padded_vocab: int,
+    spec: str = "auto",
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+):
+    """A `GPTModel` for the current parallel state (call `init_distributed` first)."""
+    from megatron.core.models.gpt import GPTModel
+
+    layer = specs.layer_spec(
+        num_experts=transformer_cfg.num_moe_experts,
+        moe_grouped_gemm=transformer_cfg.moe_grouped_gemm,
+        qk_layernorm=config.qk_layernorm,
+        spec=spec,
+    )
+    model = GPTModel(
+        config=transformer_cfg,
+        transformer_layer_spec=layer,
+        vocab_size=padded_vocab,
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=config.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(config.rope_theta) if float(config.rope_theta).is_integer() else config.rope_theta,
+        rope_scaling=config.rope_scaling_factor is not None,
+        rope_scaling_factor=config.rope_scaling_factor or 8.0,
+        vp_stage=vp_stage,
+    )
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model
+
+
+def model_from_hf_config(hf_config: dict, *, moe: MoESettings | None = None, params_dtype=torch.float32,
+                         spec: str = "auto", source: str = "config.json", **parallel):
+    """Convenience: HF config dict -> (ArchitectureConfig, GPTModel) in the current parallel state."""
+    _, arch_config = read_architecture_config(hf_config, source)
+    cfg = transformer_config(arch_config, moe=moe, params_dtype=params_dtype, **parallel)
+    return arch_config, build_gpt_model(arch_config, cfg, padded_vocab=padded_vocab_size(arch_config.vocab_size), spec=spec)
