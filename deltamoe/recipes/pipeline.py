@@ -1,0 +1,244 @@
+"""Run a recipe end to end: import -> upcycle -> stage 1 -> stage 2 -> export -> graft -> evaluate -> report.
+
+    deltamoe pipeline demo --workdir runs/demo                 # the embedded default (SmolLM2 + public texts, CPU ok)
+    deltamoe pipeline demo --workdir runs/demo --scale 3       # longer, stronger effect
+    deltamoe pipeline demo --workdir runs/demo --from stage2 --until graft
+
+Each stage is the command a user would run alone (`deltamoe import ...`, `torchrun ... -m
+deltamoe.megatron_ext.training.train ...`), run as a subprocess and printed first. A stage whose output is complete
+is skipped; a training stage whose checkpoint folder holds an earlier iteration resumes from it (Megatron's --load).
+`<workdir>/manifest.json` records inputs with hashes, versions, each stage's command, timing and metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from deltamoe.common.errors import DeltaMoEError
+from deltamoe.common.hashing import sha256_dir, versions
+
+
+@dataclass(kw_only=True)
+class PreparedData:
+    jsonl: str
+    """Input JSONL ({"text": ...}) relative to the data root."""
+    lang: str
+    prefix: str
+    """Output prefix of the Megatron indexed dataset, relative to the data root (the recipes' data_blend prefixes)."""
+
+
+@dataclass(kw_only=True)
+class PipelineRecipe:
+    name: str
+    base_model: str
+    """Dense HF model B (the one that is upcycled)."""
+    post_model: str | None = None
+    """Post-trained dense HF model I; None: made by a short SFT of B on `sft_data` (the demo)."""
+    sft_data: str | None = None
+    sft_steps: int = 40
+    data_root: str
+    prepare: list[PreparedData]
+    stage1: object
+    """recipes.config.Recipe of stage 1 (new experts + routers)."""
+    stage2: object
+    """recipes.config.Recipe of stage 2 (routers, LPR loss, replay)."""
+    dense_baseline: object | None = None
+    """recipes.config.Recipe training the dense model on stage 1's data at the same token budget (then + ParamΔ)."""
+    suite: str
+    """Evaluation suite file (deltamoe/evaluation schema)."""
+    nproc_per_node: int = 1
+    eval_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.post_model is None and self.sft_data is None:
+            raise DeltaMoEError(f"pipeline {self.name}: give post_model, or sft_data to make one")
+
+
+@dataclass
+class Stage:
+    name: str
+    output: Path
+    command: list[str]
+    done: Callable[[], bool]
+    metrics: Callable[[], dict] = lambda: {}
+
+
+def _training_done(folder: Path, iterations: int) -> bool:
+    tracker = folder / "latest_checkpointed_iteration.txt"
+    if not tracker.exists():
+        return False
+    value = tracker.read_text().strip()
+    return value != "release" and int(value) >= iterations
+
+
+def _train_command(recipe, nproc: int) -> list[str]:
+    from deltamoe.recipes.config import to_megatron_args
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "deltamoe.megatron_ext.training.train", *to_megatron_args(recipe)]
+
+
+def _read_jsonl_metrics(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {"log_rows": len(rows), "last": rows[-1] if rows else None}
+
+
+def build_stages(p: PipelineRecipe, workdir: Path) -> list[Stage]:
+    from deltamoe.recipes.megatron_args import checkpoint_dir, routing_log_file
+
+    deltamoe = [sys.executable, "-m", "deltamoe"]
+    data_root = Path(p.data_root)
+    post = Path(p.post_model) if p.post_model else workdir / "post-sft"
+    stages: list[Stage] = []
+    if p.post_model is None:
+        stages.append(Stage("post-train", post,
+                            [sys.executable, "-m", "deltamoe.recipes.sft", "--base", p.base_model, "--data",
+                             str(data_root / p.sft_data), "--out", str(post), "--steps", str(p.sft_steps)],
+                            lambda: (post / "config.json").exists()))
+    for d in p.prepare:
+        prefix = data_root / d.prefix
+        stages.append(Stage(f"prepare-data:{d.prefix}", prefix,
+                            [*deltamoe, "prepare-data", "--input", str(data_root / d.jsonl), "--tokenizer",
+                             p.base_model, "--lang", d.lang, "--out", str(prefix), "--model", p.base_model],
+                            lambda prefix=prefix: Path(f"{prefix}.idx").exists() and Path(f"{prefix}.bin").exists()))
+    dense = workdir / p.stage1.init_checkpoint.replace("upcycled", "dense")
+    moe = workdir / p.stage1.init_checkpoint
+    stages.append(Stage("import", dense, [*deltamoe, "import", "--hf", p.base_model, "--out", str(dense)],
+                        lambda: (dense / "deltamoe.json").exists()))
+    up = p.stage1.upcycle
+    stages.append(Stage("upcycle", moe,
+                        [*deltamoe, "upcycle", "--dense", str(dense), "--out", str(moe), "--num-experts",
+                         str(up.num_experts), "--topk", str(up.topk), "--variant", up.variant],
+                        lambda: (moe / "deltamoe.json").exists()))
+    for tag, recipe in (("stage1", p.stage1), ("stage2", p.stage2)):
+        out = Path(checkpoint_dir(recipe))
+        stages.append(Stage(tag, out, _train_command(recipe, p.nproc_per_node),
+                            lambda out=out, r=recipe: _training_done(out, r.train.iterations),
+                            lambda r=recipe: _read_jsonl_metrics(Path(routing_log_file(r)))))
+    hf_moe = workdir / "hf-moe"
+    stages.append(Stage("export", hf_moe, [*deltamoe, "export", "--megatron", str(Path(checkpoint_dir(p.stage2))),
+                                           "--out", str(hf_moe)], lambda: (hf_moe / "config.json").exists()))
+    grafted = workdir / "deltamoe"
+    stages.append(Stage("graft", grafted, [*deltamoe, "graft", "--base", p.base_model, "--post", str(post), "--moe",
+                                           str(hf_moe), "--out", str(grafted)], lambda: (grafted / "config.json").exists()))
+    models = {"base": Path(p.base_model), "post": post, "deltamoe": grafted}
+    if p.dense_baseline is not None:
+        cpt = Path(checkpoint_dir(p.dense_baseline))
+        stages.append(Stage("dense-cpt", cpt, _train_command(p.dense_baseline, p.nproc_per_node),
+                            lambda: _training_done(cpt, p.dense_baseline.train.iterations)))
+        cpt_hf = workdir / "hf-dense-cpt"
+        stages.append(Stage("dense-cpt-export", cpt_hf, [*deltamoe, "export", "--megatron", str(cpt), "--out", str(cpt_hf)],
+                            lambda: (cpt_hf / "config.json").exists()))
+        param_delta = workdir / "dense-cpt-paramdelta"
+        stages.append(Stage("param-delta", param_delta,
+                            [*deltamoe, "merge", "--method", "param_delta", "--base", p.base_model, "--models",
+                             str(cpt_hf), str(post), "--out", str(param_delta)],
+                            lambda: (param_delta / "config.json").exists()))
+        models["dense-cpt+paramdelta"] = param_delta
+    results = []
+    for label, model in models.items():
+        out = workdir / "eval" / label
+        results.append(out)
+        stages.append(Stage(f"eval:{label}", out, [*deltamoe, "eval", "--model", str(model), "--suite", p.suite,
+                                                    "--out", str(out), "--label", label, *p.eval_args],
+                            lambda out=out: (out / "results.json").exists(),
+                            lambda out=out: json.loads((out / "results.json").read_text()).get("summary", {})))
+    report = workdir / "report"
+    stages.append(Stage("report", report, [*deltamoe, "report", *map(str, results), "--out", str(report)],
+                        lambda: (report / "report.md").exists()))
+    return stages
+
+
+def _select(stages: list[Stage], start: str | None, until: str | None) -> list[Stage]:
+    names = [s.name for s in stages]
+
+    def index(name: str, *, last: bool) -> int:
+        # "eval" names every eval:<model> stage: --from takes the first of them, --until the last.
+        matches = [i for i, n in enumerate(names) if n == name or n.split(":")[0] == name]
+        if not matches:
+            raise DeltaMoEError(f"unknown stage {name!r}; stages: {', '.join(names)}")
+        return matches[-1] if last else matches[0]
+
+    lo = index(start, last=False) if start else 0
+    hi = index(until, last=True) if until else len(stages) - 1
+    return stages[lo: hi + 1]
+
+
+def run_pipeline(p: PipelineRecipe, workdir: Path, *, start: str | None = None, until: str | None = None,
+                 dry_run: bool = False) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifest_path = workdir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"stages": {}}
+    manifest.update(recipe=p.name, versions=versions(), config=_jsonable(p),
+                    inputs={"base_model": {"path": p.base_model, "sha256": sha256_dir(p.base_model)}})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for stage in _select(build_stages(p, workdir), start, until):
+        print(f"\n=== {stage.name}: {shlex.join(stage.command)}", flush=True)
+        if stage.done():
+            print(f"=== {stage.name}: complete, skipped ({stage.output})", flush=True)
+            manifest["stages"].setdefault(stage.name, {})["status"] = "complete"
+            continue
+        if dry_run:
+            continue
+        started = time.time()
+        proc = subprocess.run(stage.command, env=env)
+        elapsed = round(time.time() - started, 1)
+        record = {"command": stage.command, "seconds": elapsed, "returncode": proc.returncode, "output": str(stage.output)}
+        manifest["stages"][stage.name] = record
+        _write_json(manifest_path, manifest)
+        if proc.returncode != 0 or not stage.done():
+            raise DeltaMoEError(f"stage {stage.name} failed (exit {proc.returncode}) after {elapsed}s; rerun the "
+                                f"pipeline to resume, or run the command above alone to debug")
+        record.update(status="complete", metrics=stage.metrics())
+        _write_json(manifest_path, manifest)
+        print(f"=== {stage.name}: done in {elapsed}s", flush=True)
+    _write_json(manifest_path, manifest)
+    report = workdir / "report" / "report.md"
+    if report.exists() and not dry_run:
+        print("\n" + report.read_text())
+    return manifest
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    return obj
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="pipeline recipe: 'demo' (the embedded default)")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where checkpoints, results and the manifest go")
+    parser.add_argument("--from", dest="start", help="first stage to run (e.g. stage1)")
+    parser.add_argument("--until", help="last stage to run (e.g. graft)")
+    parser.add_argument("--scale", type=float, default=1.0, help="demo only: multiply training iterations")
+    parser.add_argument("--quick", action="store_true", help="demo only: a few steps per stage (CI's end-to-end check)")
+    parser.add_argument("--cache", type=Path, default=None, help="demo asset cache (default $DELTAMOE_CACHE or ~/.cache/deltamoe)")
+    parser.add_argument("--dry-run", action="store_true", help="print the stage commands without running them")
+
+
+def main(args: argparse.Namespace) -> int:
+    from deltamoe.recipes.demo_pipeline import PIPELINES
+
+    if args.recipe not in PIPELINES:
+        raise DeltaMoEError(f"unknown pipeline recipe {args.recipe!r}; known: {', '.join(PIPELINES)}")
+    recipe = PIPELINES[args.recipe](scale=args.scale, quick=args.quick, cache=args.cache, workdir=args.workdir.resolve())
+    run_pipeline(recipe, args.workdir.resolve(), start=args.start, until=args.until, dry_run=args.dry_run)
+    return 0
