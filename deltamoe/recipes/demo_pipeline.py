@@ -19,35 +19,24 @@ from deltamoe.recipes.pipeline import PipelineRecipe, PreparedData
 
 QUICK_ITERS = 2
 """--quick: training steps per stage, for CI's end-to-end check (a real run of every stage, not a useful model)."""
+QUICK_EVAL_LIMIT = 4
 
 
-def demo_suite(data_root: Path, *, limit: int) -> Path:
-    """Write the demo's eval suite next to the demo data (paths in a suite are relative to the suite file)."""
-    suite = {
-        "name": "deltamoe-demo",
-        "seed": 1234,
-        "max_length": 256,
-        "batch_size": 4,
-        "languages": {"original": ["en"], "new": ["es", "ru"]},
-        "language_names": {"en": "English", "es": "Spanish", "ru": "Russian"},
-        "defaults": {"limit": limit},
-        "tasks": [
-            {"type": "perplexity", "language": "en", "data": "en-kjv.heldout.jsonl"},
-            {"type": "perplexity", "language": "es", "data": "es-rv1909.heldout.jsonl"},
-            {"type": "perplexity", "language": "ru", "data": "ru-fortunes.heldout.jsonl"},
-            {"name": "capitals", "type": "multiple_choice", "format": "arc", "language": "en", "data": "capitals-mc.en.jsonl"},
-            {"name": "verse-translation", "type": "translation", "source_language": "en", "language": "es",
-             "data": "translation.en-es.heldout.jsonl", "num_fewshot": 1, "max_new_tokens": 48},
-            {"name": "faq-qa", "type": "qa_loglik", "language": "en", "data": "faq-qa.en.heldout.jsonl", "chat_template": True},
-            {"name": "faq-qa", "type": "qa_loglik", "language": "ru", "data": "faq-qa.ru.heldout.jsonl", "chat_template": True},
-            {"type": "routing", "language": "en", "data": "en-kjv.heldout.jsonl"},
-            {"type": "routing", "language": "es", "data": "es-rv1909.heldout.jsonl"},
-            {"type": "routing", "language": "ru", "data": "ru-fortunes.heldout.jsonl"},
-        ],
-    }
-    path = data_root / ("demo_suite.quick.yaml" if limit < 20 else "demo_suite.yaml")
-    path.write_text(yaml.safe_dump(suite, sort_keys=False, allow_unicode=True))
-    return path
+def demo_suite(data_root: Path, *, quick: bool) -> Path:
+    """The demo suite (recipes/demo_suite.yaml, copied next to the demo data by fetch-demo-assets); --quick writes a
+    copy that scores a handful of examples per task."""
+    suite_path = data_root / "demo_suite.yaml"
+    if not quick:
+        return suite_path
+    suite = yaml.safe_load((Path(__file__).parent / "demo_suite.yaml").read_text())
+    suite["defaults"] = {**suite.get("defaults", {}), "limit": QUICK_EVAL_LIMIT}
+    for task in suite["tasks"]:
+        task["limit"] = min(task.get("limit", QUICK_EVAL_LIMIT), QUICK_EVAL_LIMIT)
+        if "max_new_tokens" in task:
+            task["max_new_tokens"] = min(task["max_new_tokens"], 16)
+    quick_path = data_root / "demo_suite.quick.yaml"
+    quick_path.write_text(yaml.safe_dump(suite, sort_keys=False, allow_unicode=True))
+    return quick_path
 
 
 def demo(*, scale: float = 1.0, quick: bool = False, cache: Path | None = None, workdir: Path = Path("runs/demo")) -> PipelineRecipe:
@@ -71,7 +60,8 @@ def demo(*, scale: float = 1.0, quick: bool = False, cache: Path | None = None, 
         prepare=prepare,
         stage1=stage1,
         stage2=stage2,
-        suite=str(demo_suite(data_root, limit=4 if quick else 60)) if data_root.exists() else str(data_root / "demo_suite.yaml"),
+        fetch_assets=True,
+        suite=str(demo_suite(data_root, quick=quick)) if data_root.exists() else str(data_root / "demo_suite.yaml"),
     )
 
 

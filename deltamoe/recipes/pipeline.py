@@ -58,6 +58,8 @@ class PipelineRecipe:
     """Evaluation suite file (deltamoe/evaluation schema)."""
     nproc_per_node: int = 1
     eval_args: list[str] = field(default_factory=list)
+    fetch_assets: bool = False
+    """Run `deltamoe fetch-demo-assets` first (the embedded default)."""
 
     def __post_init__(self):
         if self.post_model is None and self.sft_data is None:
@@ -102,6 +104,9 @@ def build_stages(p: PipelineRecipe, workdir: Path) -> list[Stage]:
     data_root = Path(p.data_root)
     post = Path(p.post_model) if p.post_model else workdir / "post-sft"
     stages: list[Stage] = []
+    if p.fetch_assets:
+        stages.append(Stage("assets", data_root, [*deltamoe, "fetch-demo-assets", "--cache", str(data_root.parent)],
+                            lambda: (Path(p.base_model) / "config.json").exists() and (data_root / "manifest.json").exists()))
     if p.post_model is None:
         stages.append(Stage("post-train", post,
                             [sys.executable, "-m", "deltamoe.recipes.sft", "--base", p.base_model, "--data",
