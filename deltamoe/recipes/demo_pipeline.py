@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import yaml
-
 from deltamoe.recipes.demo import smollm2_135m_demo_stage1_cpu, smollm2_135m_demo_stage2_cpu
 from deltamoe.recipes.demo_assets import MODEL_NAME, default_cache
 from deltamoe.recipes.pipeline import PipelineRecipe, PreparedData
@@ -20,23 +18,6 @@ from deltamoe.recipes.pipeline import PipelineRecipe, PreparedData
 QUICK_ITERS = 2
 """--quick: training steps per stage, for CI's end-to-end check (a real run of every stage, not a useful model)."""
 QUICK_EVAL_LIMIT = 4
-
-
-def demo_suite(data_root: Path, *, quick: bool) -> Path:
-    """The demo suite (recipes/demo_suite.yaml, copied next to the demo data by fetch-demo-assets); --quick writes a
-    copy that scores a handful of examples per task."""
-    suite_path = data_root / "demo_suite.yaml"
-    if not quick:
-        return suite_path
-    suite = yaml.safe_load((Path(__file__).parent / "demo_suite.yaml").read_text())
-    suite["defaults"] = {**suite.get("defaults", {}), "limit": QUICK_EVAL_LIMIT}
-    for task in suite["tasks"]:
-        task["limit"] = min(task.get("limit", QUICK_EVAL_LIMIT), QUICK_EVAL_LIMIT)
-        if "max_new_tokens" in task:
-            task["max_new_tokens"] = min(task["max_new_tokens"], 16)
-    quick_path = data_root / "demo_suite.quick.yaml"
-    quick_path.write_text(yaml.safe_dump(suite, sort_keys=False, allow_unicode=True))
-    return quick_path
 
 
 def demo(*, scale: float = 1.0, quick: bool = False, cache: Path | None = None, workdir: Path = Path("runs/demo")) -> PipelineRecipe:
@@ -61,7 +42,9 @@ def demo(*, scale: float = 1.0, quick: bool = False, cache: Path | None = None, 
         stage1=stage1,
         stage2=stage2,
         fetch_assets=True,
-        suite=str(demo_suite(data_root, quick=quick)) if data_root.exists() else str(data_root / "demo_suite.yaml"),
+        # fetch-demo-assets copies recipes/demo_suite.yaml next to the data files it names.
+        suite=str(data_root / "demo_suite.yaml"),
+        eval_args=["--limit", str(QUICK_EVAL_LIMIT)] if quick else [],
     )
 
 

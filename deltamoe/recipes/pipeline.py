@@ -157,7 +157,7 @@ def build_stages(p: PipelineRecipe, workdir: Path) -> list[Stage]:
         out = workdir / "eval" / label
         results.append(out)
         stages.append(Stage(f"eval:{label}", out, [*deltamoe, "eval", "--model", str(model), "--suite", p.suite,
-                                                    "--out", str(out), "--label", label, *p.eval_args],
+                                                    "--out", str(out), "--name", label, *p.eval_args],
                             lambda out=out: (out / "results.json").exists(),
                             lambda out=out: json.loads((out / "results.json").read_text()).get("summary", {})))
     report = workdir / "report"

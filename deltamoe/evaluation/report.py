@@ -1,0 +1,223 @@
+"""Compare `deltamoe eval` results of several models: per task x language, original-language and new-language
+averages side by side, as Markdown (report.md), JSON (report.json) and PNG plots (bars per language for each task's
+main metric, routing heatmaps layer x expert per language for MoE models).
+
+An average over a group is the plain mean over that group's languages of the per-language value (each language
+counts once, whatever its number of examples), the convention of multilingual leaderboards such as Okapi's.
+Models are shown in the order given; names come from each result's `model.name` unless --names is passed.
+
+Example:
+
+  deltamoe report runs/eval_base runs/eval_dense_paramdelta runs/eval_deltamoe --out runs/report \\
+      --names base "dense CPT + ParamΔ" DeltaMoE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from deltamoe.common.errors import DeltaMoEError
+from deltamoe.common.outputs import atomic_output_dir, check_output_dir
+
+# The metric plotted for each task type; every metric is in the tables.
+PRIMARY_METRIC = {"perplexity": "bits_per_byte", "multiple_choice": "acc", "translation": "chrf_pp",
+                  "instruction_following": "prompt_level_acc", "qa_loglik": "bits_per_byte", "routing": "expert_0_share"}
+LOWER_IS_BETTER = {"bits_per_byte", "byte_perplexity", "token_perplexity", "word_perplexity"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", nargs="+", help="eval output folders (or their results.json files)")
+    parser.add_argument("--out", required=True, help="report folder (must not exist unless --overwrite)")
+    parser.add_argument("--names", nargs="+", default=None, help="model names, one per result, in the same order")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+
+
+def load_results(path: str | Path) -> dict:
+    path = Path(path)
+    file = path / "results.json" if path.is_dir() else path
+    if not file.is_file():
+        raise DeltaMoEError(f"{path}: no results.json (expected a `deltamoe eval` output folder)")
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DeltaMoEError(f"{file}: not valid JSON ({e.msg})") from None
+    for key in ("model", "languages", "results"):
+        if key not in doc:
+            raise DeltaMoEError(f"{file}: missing field {key!r}; is it a `deltamoe eval` results.json?")
+    doc["_file"] = str(file)
+    return doc
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def build_report(docs: list[dict], names: list[str] | None = None) -> dict:
+    """Tables as data: one row per (task, metric, model) with per-language values and the two group averages."""
+    names = names or [d["model"]["name"] for d in docs]
+    if len(names) != len(docs):
+        raise DeltaMoEError(f"--names gives {len(names)} names for {len(docs)} results")
+    if len(set(names)) != len(names):
+        raise DeltaMoEError(f"model names {names} are not unique; pass --names")
+    original: list[str] = []
+    new: list[str] = []
+    for doc in docs:
+        for lang in doc["languages"]["original"]:
+            if lang in new:
+                raise DeltaMoEError(f"{doc['_file']}: language {lang!r} is original here but new in another result")
+            original += [lang] if lang not in original else []
+        for lang in doc["languages"]["new"]:
+            if lang in original:
+                raise DeltaMoEError(f"{doc['_file']}: language {lang!r} is new here but original in another result")
+            new += [lang] if lang not in new else []
+    tasks: dict[str, str] = {}  # task name -> type, in first-seen order
+    values: dict[tuple[str, str, str], dict[str, float]] = {}  # (task, metric, model) -> language -> value
+    routing: dict[str, dict[str, list[list[float]]]] = {}
+    for name, doc in zip(names, docs):
+        for r in doc["results"]:
+            tasks.setdefault(r["task"], r["type"])
+            for metric, value in r["metrics"].items():
+                values.setdefault((r["task"], metric, name), {})[r["language"]] = value
+            if r["type"] == "routing" and "shares" in r["details"]:
+                routing.setdefault(name, {})[r["language"]] = r["details"]["shares"]
+    rows = []
+    for task, ttype in tasks.items():
+        metrics = list(dict.fromkeys(m for (t, m, _) in values if t == task))
+        for metric in metrics:
+            for name in names:
+                per_lang = values.get((task, metric, name), {})
+                rows.append({
+                    "task": task, "type": ttype, "metric": metric, "model": name,
+                    "lower_is_better": metric in LOWER_IS_BETTER, "per_language": per_lang,
+                    "original_avg": _mean([per_lang[lang] for lang in original if lang in per_lang]),
+                    "new_avg": _mean([per_lang[lang] for lang in new if lang in per_lang]),
+                })
+    suites = sorted({str(d.get("suite", {}).get("sha256")) for d in docs})
+    return {"models": names, "languages": {"original": original, "new": new}, "tasks": tasks, "rows": rows,
+            "routing": routing, "inputs": [{"name": n, "results": d["_file"], "model": d["model"].get("path"),
+                                            "model_hashes": d["model"].get("hashes")} for n, d in zip(names, docs)],
+            "suite_sha256": suites}
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
+
+
+def report_markdown(report: dict) -> str:
+    langs = report["languages"]["original"] + report["languages"]["new"]
+    models = report["models"]
+    summary = (f"Original languages: {', '.join(report['languages']['original']) or '–'}; "
+               f"new languages: {', '.join(report['languages']['new']) or '–'}. "
+               "Averages are means over languages; ↓ marks metrics where lower is better.")
+    out = ["# DeltaMoE evaluation report", "", summary, ""]
+    if len(report["suite_sha256"]) > 1:
+        out += ["**Warning:** the results come from different suite files; averages may not be comparable.", ""]
+    out += ["## Original vs new languages", "",
+            "| task | metric | " + " | ".join(f"{m} orig | {m} new" for m in models) + " |",
+            "|---|---|" + "---|---|" * len(models)]
+    by_key: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in report["rows"]:
+        by_key.setdefault((row["task"], row["metric"]), {})[row["model"]] = row
+    for (task, metric), per_model in by_key.items():
+        arrow = " ↓" if metric in LOWER_IS_BETTER else ""
+        cells = " | ".join(f"{_fmt(per_model[m]['original_avg'])} | {_fmt(per_model[m]['new_avg'])}" for m in models)
+        out.append(f"| {task} | {metric}{arrow} | {cells} |")
+    out += ["", "## Per language", ""]
+    for (task, metric), per_model in by_key.items():
+        out += [f"### {task} — {metric}{' ↓' if metric in LOWER_IS_BETTER else ''}", "",
+                "| model | " + " | ".join(langs) + " | original avg | new avg |", "|---|" + "---|" * (len(langs) + 2)]
+        for m in models:
+            row = per_model[m]
+            cells = " | ".join(_fmt(row["per_language"].get(lang)) for lang in langs)
+            out.append(f"| {m} | {cells} | {_fmt(row['original_avg'])} | {_fmt(row['new_avg'])} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_bars(report: dict, task: str, metric: str, file: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    langs = report["languages"]["original"] + report["languages"]["new"]
+    rows = {r["model"]: r for r in report["rows"] if r["task"] == task and r["metric"] == metric}
+    models = report["models"]
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(langs) * max(1, len(models)) / 2), 3.2), dpi=100)
+    x = np.arange(len(langs))
+    for k, m in enumerate(models):
+        vals = [rows[m]["per_language"].get(lang, np.nan) for lang in langs] if m in rows else [np.nan] * len(langs)
+        ax.bar(x + (k - (len(models) - 1) / 2) * width, vals, width, label=m)
+    ax.set_xticks(x, [f"{lang}\n({'orig' if lang in report['languages']['original'] else 'new'})" for lang in langs])
+    ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+    ax.set_title(f"{task}: {metric}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file)
+    plt.close(fig)
+
+
+def plot_routing(shares_by_lang: dict[str, list[list[float]]], model: str, file: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    langs = list(shares_by_lang)
+    tables = {lang: np.array(shares_by_lang[lang]) for lang in langs}
+    vmax = max(float(t.max()) for t in tables.values())  # colour range of the data, so small shifts are visible
+    fig, axes = plt.subplots(1, len(langs), figsize=(2.8 * len(langs) + 1.2, 3.4), dpi=100, squeeze=False,
+                             constrained_layout=True)
+    for ax, lang in zip(axes[0], langs):
+        table = tables[lang]
+        image = ax.imshow(table, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto")
+        ax.set_title(lang)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(table.shape[1]))
+        ax.set_yticks(range(table.shape[0]))
+        if table.size <= 128:
+            for (layer, expert), value in np.ndenumerate(table):
+                ax.text(expert, layer, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if value > 0.6 * vmax else "white")
+    fig.colorbar(image, ax=axes[0].tolist(), label="share of tokens")
+    fig.suptitle(f"routing: {model} (top-k choices per token)")
+    fig.savefig(file)
+    plt.close(fig)
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
+
+
+def write_report(out: Path, report: dict) -> list[Path]:
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    plots = out / "plots"
+    plots.mkdir()
+    written = []
+    for task, ttype in report["tasks"].items():
+        metric = PRIMARY_METRIC[ttype]
+        if any(r["task"] == task and r["metric"] == metric for r in report["rows"]):
+            written.append(plots / f"bars_{_slug(task)}_{metric}.png")
+            plot_bars(report, task, metric, written[-1])
+    for model, shares in report["routing"].items():
+        written.append(plots / f"routing_{_slug(model)}.png")
+        plot_routing(shares, model, written[-1])
+    return written
+
+
+def main(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, inputs=args.results, overwrite=args.overwrite)
+    report = build_report([load_results(p) for p in args.results], args.names)
+    with atomic_output_dir(args.out, inputs=args.results, overwrite=args.overwrite) as tmp:
+        plots = write_report(tmp, report)
+    print(f"wrote {args.out}/report.md, report.json and {len(plots)} plots")
+    return 0
