@@ -97,6 +97,12 @@ def _read_jsonl_metrics(path: Path) -> dict:
     return {"log_rows": len(rows), "last": rows[-1] if rows else None}
 
 
+def _eval_metrics(path: Path) -> dict:
+    """task/language -> metrics, from an eval results.json."""
+    doc = json.loads(path.read_text())
+    return {f"{r['task']}/{r['language']}": r["metrics"] for r in doc["results"]}
+
+
 def build_stages(p: PipelineRecipe, workdir: Path) -> list[Stage]:
     from deltamoe.recipes.megatron_args import checkpoint_dir, routing_log_file
 
@@ -159,7 +165,7 @@ def build_stages(p: PipelineRecipe, workdir: Path) -> list[Stage]:
         stages.append(Stage(f"eval:{label}", out, [*deltamoe, "eval", "--model", str(model), "--suite", p.suite,
                                                     "--out", str(out), "--name", label, *p.eval_args],
                             lambda out=out: (out / "results.json").exists(),
-                            lambda out=out: json.loads((out / "results.json").read_text()).get("summary", {})))
+                            lambda out=out: _eval_metrics(out / "results.json")))
     report = workdir / "report"
     stages.append(Stage("report", report, [*deltamoe, "report", *map(str, results), "--out", str(report)],
                         lambda: (report / "report.md").exists()))

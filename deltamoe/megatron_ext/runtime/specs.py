@@ -38,6 +38,11 @@ def resolve_spec_name(requested: str = "auto") -> str:
 
 def layer_spec(*, num_experts: int | None, moe_grouped_gemm: bool, qk_layernorm: bool, spec: str = "auto"):
     """A `ModuleSpec` for every decoder layer of a GPT model."""
+    return _layer_spec(num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, qk_layernorm=qk_layernorm,
+                       spec=spec)
+
+
+def _layer_spec(*, num_experts, moe_grouped_gemm, qk_layernorm, spec):
     from megatron.core.models.gpt import gpt_layer_specs
 
     name = resolve_spec_name(spec)
@@ -56,3 +61,22 @@ def layer_spec(*, num_experts: int | None, moe_grouped_gemm: bool, qk_layernorm:
             num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, qk_layernorm=qk_layernorm,
             normalization="RMSNorm",
         )
+
+
+def decoder_spec(transformer_config, *, qk_layernorm: bool, spec: str = "auto", vp_stage: int | None = None):
+    """What `GPTModel(transformer_layer_spec=...)` should receive: the layer spec, plus the final norm for "fast".
+
+    A bare layer `ModuleSpec` makes megatron build the decoder's final norm with its default (`WrappedTorchNorm`
+    without apex), which refuses sequence parallel; the fast spec therefore returns whole-block submodules with
+    `FastNorm` as the final norm. Needs the parallel state (pipeline stage sizes), like `GPTModel` itself.
+    """
+    layer = _layer_spec(num_experts=transformer_config.num_moe_experts,
+                       moe_grouped_gemm=transformer_config.moe_grouped_gemm, qk_layernorm=qk_layernorm, spec=spec)
+    if resolve_spec_name(spec) != "fast":
+        return layer
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from deltamoe.megatron_ext.layers.norm import FastNorm
+
+    num_layers = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=FastNorm)
