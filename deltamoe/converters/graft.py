@@ -1,0 +1,242 @@
+"""Graft the post-training delta of a dense model (instruct - base) into every expert of its upcycled HF MoE.
+
+With Delta = I - B per tensor (mergekit's task-vector shape) and scale alpha:
+- non-expert tensors (attention, norms, embeddings, lm_head): M + alpha * Delta, i.e. task arithmetic on M;
+- each selected routed expert e: M_e + alpha * Delta_FFN, sliced and scaled as the upcycle plan made e from the FFN
+  (`ExpertSource`: gate/up rows [ffn_start, ffn_stop) * fc1_scale, down columns * fc2_scale); the shared expert
+  likewise, with the plan's shared source;
+- routers and shared_expert_gate: unchanged (the delta has nothing to say about routing).
+`--experts original` grafts only the plan's frozen experts (and the shared expert, which is the original FFN);
+`--experts new` only the others. Vocabulary policy: if I has more rows than B in embed_tokens/lm_head (added tokens),
+rows within B's vocabulary get M + alpha * Delta and rows beyond it are copied from I, so the output vocabulary (and
+config vocab_size) is I's; every other shape mismatch is an error. Tokenizer and generation_config come from I (its chat
+template is what users want), config.json and the upcycle plan from M. Everything streams tensor by tensor: memory is
+bounded by one output shard plus a few tensors, whatever the model size.
+
+Example:
+  deltamoe graft --base Qwen2.5-1.5B/ --post Qwen2.5-1.5B-Instruct/ --moe exported-moe/ --out deltamoe-instruct/
+  deltamoe graft --base B/ --post I/ --moe M/ --out O/ --scale 0.5 --experts new
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from deltamoe.common.errors import DeltaMoEError
+from deltamoe.common.hashing import sha256_dir, versions
+from deltamoe.common.outputs import atomic_output_dir
+from deltamoe.converters.hf_moe_layout import TensorRole, format_for_dense, format_of_config, parse_moe_name
+from deltamoe.converters.hf_upcycle import ffn_slice
+from deltamoe.converters.merge import check_finite, check_same_architecture, extra_vocab_rows, peak_rss_gib
+from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter, copy_tokenizer_files, read_config
+from deltamoe.megatron_ext.moe.plan import PLAN_FILE, UpcyclePlan
+
+log = logging.getLogger(__name__)
+EXPERT_SELECTIONS = ("all", "original", "new")
+BASE_CHECK_RTOL = 1e-2
+"""Relative error allowed between a frozen expert and B's FFN (covers a bf16 round trip; another base is ~1)."""
+
+
+class _Inputs:
+    """The three input folders, validated against each other before any tensor is written."""
+
+    def __init__(self, base: Path, post: Path, moe: Path):
+        self.base, self.post, self.moe = base, post, moe
+        check_same_architecture(base, post)
+        self.base_config, self.moe_config = read_config(base), read_config(moe)
+        self.fmt = format_of_config(self.moe_config, f"{moe}/config.json")
+        expected = format_for_dense(self.base_config.get("model_type"), f"{base}/config.json")
+        if expected.name != self.fmt.name:
+            raise DeltaMoEError(f"{moe}/config.json: a {expected.name} MoE is needed for a "
+                                f"{self.base_config['model_type']} base, got {self.fmt.name}")
+        for field in ("num_hidden_layers", "hidden_size"):
+            if self.moe_config.get(field) != self.base_config.get(field):
+                raise DeltaMoEError(f"{moe}/config.json: {field} is {self.moe_config.get(field)} but {base}/config.json "
+                                    f"has {self.base_config.get(field)}")
+        self.plan = UpcyclePlan.load(moe)
+        if self.plan.num_experts != self.moe_config.get(self.fmt.num_experts_field):
+            raise DeltaMoEError(f"{moe}/{PLAN_FILE}: num_experts {self.plan.num_experts} but config.json has "
+                                f"{self.fmt.num_experts_field} = {self.moe_config.get(self.fmt.num_experts_field)}")
+        self.b, self.i, self.m = SafetensorsReader(base), SafetensorsReader(post), SafetensorsReader(moe)
+        if set(self.b.keys()) != set(self.i.keys()):
+            diff = sorted(set(self.b.keys()) ^ set(self.i.keys()))
+            raise DeltaMoEError(f"{post}: tensor names differ from {base}'s: {diff[:5]}")
+        self.roles = {name: parse_moe_name(self.fmt, name) for name in self.m.keys()}
+        self._check_names_and_shapes()
+
+    def _check_names_and_shapes(self) -> None:
+        if not any(r.kind == "expert" for r in self.roles.values()):
+            raise DeltaMoEError(f"{self.moe}: no expert tensors found (is it an MoE checkpoint?)")
+        used = {r.dense_name for r in self.roles.values() if r.dense_name}
+        for name in sorted(used - set(self.b.keys())):
+            raise DeltaMoEError(f"{self.moe}: tensor for {name!r} has no counterpart in {self.base}")
+        for name in sorted(set(self.b.keys()) - used):
+            raise DeltaMoEError(f"{self.base}: tensor {name!r} has no counterpart in {self.moe}")
+        self.vocab_rows = {}
+        for name in self.b.keys():
+            extra = extra_vocab_rows(name, self.b.shape(name), self.i.shape(name), self.post)
+            if extra:
+                self.vocab_rows[name] = [self.b.shape(name)[0], self.b.shape(name)[0] + extra]
+        for name, role in self.roles.items():
+            if role.kind == "expert" and not 0 <= role.expert < self.plan.num_experts:
+                raise DeltaMoEError(f"{self.moe}: tensor {name!r}: expert {role.expert} but the plan has "
+                                    f"{self.plan.num_experts} experts")
+            source = self.source_of(role)
+            if role.dense_name is None:
+                continue
+            b_shape = self.b.shape(role.dense_name)
+            expected = list(ffn_slice(torch.empty(b_shape, device="meta"), role.proj, source).shape) if source else b_shape
+            if source is None and role.kind == "shared_expert":
+                expected = self.m.shape(name)  # a shared expert the plan did not make from the FFN is left alone
+            if self.m.shape(name) != expected:
+                raise DeltaMoEError(f"{self.moe}: tensor {name!r} has shape {self.m.shape(name)}, expected {expected} "
+                                    f"from {self.base}'s {role.dense_name!r} (was M upcycled from B?)")
+
+    def source_of(self, role: TensorRole):
+        if role.kind == "expert":
+            return self.plan.routed_experts[role.expert]
+        if role.kind == "shared_expert":
+            return self.plan.shared_expert
+        return None
+
+    def check_base(self, base_hashes: dict[str, str]) -> str:
+        """Refuse an M upcycled from another base: by file hashes in the plan, else by a frozen expert's weights."""
+        # Only weight files: a plan written by the Megatron upcycle hashes Megatron files, which may include copies of
+        # B's JSON files (config, tokenizer) rewritten on import.
+        common = sorted(n for n in set(self.plan.base_sha256) & set(base_hashes) if n.endswith(".safetensors"))
+        for name in common:
+            if self.plan.base_sha256[name] != base_hashes[name]:
+                raise DeltaMoEError(f"{self.moe}/{PLAN_FILE}: M was upcycled from a different base: its plan records "
+                                    f"sha256 {self.plan.base_sha256[name][:12]}… for {name}, {self.base}/{name} has "
+                                    f"{base_hashes[name][:12]}…")
+        if common:
+            return "sha256 of base files match the plan"
+        if not self.plan.frozen_experts:
+            log.warning("cannot verify that %s was upcycled from %s (no base hashes, no frozen expert)", self.moe, self.base)
+            return "not verifiable (no matching base hashes, no frozen expert)"
+        expert = self.plan.frozen_experts[0]
+        for proj in ("gate", "up", "down"):
+            name = self.fmt.expert_name(0, expert, proj)
+            role = self.roles[name]
+            want = ffn_slice(self.b.get(role.dense_name), proj, self.plan.routed_experts[expert])
+            got = self.m.get(name).float()
+            err = (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp_min(1e-12)).item()
+            if not err <= BASE_CHECK_RTOL:
+                raise DeltaMoEError(f"{self.moe}: tensor {name!r} (frozen expert {expert}) differs from "
+                                    f"{self.base}'s {role.dense_name!r} (relative error {err:.3g}): M was upcycled "
+                                    "from a different base")
+        return f"layer 0 frozen expert {expert} equals base FFN"
+
+
+def _selected(inputs: _Inputs, role: TensorRole, experts: str) -> bool:
+    if role.kind == "shared_expert":
+        return inputs.plan.shared_expert is not None and experts in ("all", "original")
+    frozen = role.expert in inputs.plan.frozen_experts
+    return experts == "all" or (experts == "original") == frozen
+
+
+def graft(*, base: Path, post: Path, moe: Path, out: Path, scale: float = 1.0, experts: str = "all",
+          overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> dict:
+    """Write `out` = M with alpha * (I - B) grafted; returns the manifest (also written as deltamoe_graft.json)."""
+    start = time.perf_counter()
+    base, post, moe, out = Path(base), Path(post), Path(moe), Path(out)
+    if experts not in EXPERT_SELECTIONS:
+        raise DeltaMoEError(f"--experts: expected one of {EXPERT_SELECTIONS}, got {experts!r}")
+    with atomic_output_dir(out, inputs=[base, post, moe], overwrite=overwrite) as tmp:
+        inputs = _Inputs(base, post, moe)
+        hashes = {"base": sha256_dir(base), "post": sha256_dir(post), "moe": sha256_dir(moe)}
+        base_check = inputs.check_base(hashes["base"])
+        for name, rows in inputs.vocab_rows.items():
+            log.warning("vocabulary policy: %s rows %d..%d are beyond %s's vocabulary and are copied from %s",
+                        name, rows[0], rows[1], base, post)
+        writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes)
+        bytes_read = 0
+        cached: tuple[str | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None)
+
+        def delta_of(dense_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            """(I - B over B's rows, I's rows beyond B's vocabulary), cached for the last dense tensor asked."""
+            nonlocal cached, bytes_read
+            if cached[0] != dense_name:
+                b, i = inputs.b.get(dense_name), inputs.i.get(dense_name)
+                check_finite(b, dense_name, base)
+                check_finite(i, dense_name, post)
+                bytes_read += b.nbytes + i.nbytes
+                rows = b.shape[0]
+                cached = (dense_name, i[:rows].float() - b.float(), i[rows:].float())
+            return cached[1], cached[2]
+
+        counts = {"grafted": 0, "unchanged": 0}
+        # Visit M's tensors grouped by the dense tensor they derive from, so one cached delta serves all experts.
+        order = [n for names in inputs.m.keys_by_shard().values()
+                 for n in sorted(names, key=lambda n: (inputs.roles[n].dense_name or n, n))]
+        for name in tqdm(order, desc="graft", unit="tensor"):
+            role = inputs.roles[name]
+            m = inputs.m.get(name)
+            check_finite(m, name, moe)
+            bytes_read += m.nbytes
+            if role.kind in ("router", "shared_expert_gate") or (role.kind != "other" and not _selected(inputs, role, experts)):
+                writer.add(name, m)
+                counts["unchanged"] += 1
+                continue
+            delta, new_rows = delta_of(role.dense_name)
+            if role.kind == "other":
+                out_t = torch.add(m.float(), delta, alpha=scale)
+                if role.dense_name in inputs.vocab_rows:
+                    out_t = torch.cat([out_t, new_rows])
+            else:
+                out_t = torch.add(m.float(), ffn_slice(delta, role.proj, inputs.source_of(role)), alpha=scale)
+            writer.add(name, out_t.to(m.dtype))
+            counts["grafted"] += 1
+        writer.finish()
+        config = dict(inputs.moe_config)
+        if inputs.vocab_rows:
+            config["vocab_size"] = max(r[1] for r in inputs.vocab_rows.values())
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / PLAN_FILE).write_text((moe / PLAN_FILE).read_text())
+        copied = copy_tokenizer_files(post, tmp)
+        if "generation_config.json" not in copied and (moe / "generation_config.json").exists():
+            shutil.copy2(moe / "generation_config.json", tmp / "generation_config.json")
+            copied.append("generation_config.json (from --moe: --post has none)")
+        elapsed = time.perf_counter() - start
+        manifest = {
+            "command": "graft", "scale": scale, "experts": experts, "format": inputs.fmt.name,
+            "inputs": {k: {"path": str(p), "sha256": hashes[k]} for k, p in (("base", base), ("post", post), ("moe", moe))},
+            "base_check": base_check,
+            "vocab_policy": "rows within B's vocabulary: M + scale * (I - B); rows beyond it: copied from I",
+            "vocab_rows_from_post": inputs.vocab_rows,
+            "tensors": counts, "tokenizer_files_from_post": copied,
+            "bytes_read": bytes_read, "bytes_written": writer.total_bytes,
+            "elapsed_s": round(elapsed, 3), "peak_rss_gib": round(peak_rss_gib(), 3), "versions": versions(),
+        }
+        (tmp / "deltamoe_graft.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, type=Path, help="dense base model B (HF folder)")
+    parser.add_argument("--post", required=True, type=Path, help="post-trained dense model I, e.g. B's instruct version")
+    parser.add_argument("--moe", required=True, type=Path, help="HF MoE upcycled from B, with deltamoe_upcycle.json")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--scale", type=float, default=1.0, help="alpha: the delta is multiplied by it (default 1)")
+    parser.add_argument("--experts", choices=EXPERT_SELECTIONS, default="all",
+                        help="which experts get the delta: all, original (the plan's frozen ones), new (the others)")
+    parser.add_argument("--max-shard-size", type=float, default=2.0, help="output shard size in GiB (memory bound)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    manifest = graft(base=args.base, post=args.post, moe=args.moe, out=args.out, scale=args.scale,
+                     experts=args.experts, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024**3))
+    gb = manifest["bytes_read"] / 1e9
+    print(f"grafted {manifest['tensors']['grafted']} tensors ({manifest['tensors']['unchanged']} unchanged) into "
+          f"{args.out}: {manifest['elapsed_s']:.1f} s, {gb:.2f} GB read, peak RSS {manifest['peak_rss_gib']:.2f} GiB")
+    return 0

@@ -1,0 +1,141 @@
+"""Upcycle a dense Hugging Face model into an HF MoE folder (Mixtral / Qwen2-MoE / Qwen3-MoE), following an UpcyclePlan.
+
+The Megatron upcycle (`deltamoe upcycle`) is what training uses; this HF-space twin exists so tests and the demo can
+build "an untrained upcycled MoE of B" without Megatron, and check that graft and export agree with it.
+
+Function preservation, exactly (not approximately):
+- Routers are zero, so the softmax is uniform; top-k picks k experts and the renormalised weights sum to 1. Every
+  routed expert of the copy variant is the whole FFN, so the MoE block returns FFN(x). Renormalisation is always on in
+  Mixtral; for Qwen2-MoE/Qwen3-MoE we write `norm_topk_prob: true` (without it the block would return k/E * FFN(x)).
+- Qwen2-MoE always has a shared expert, added as `sigmoid(shared_expert_gate(x)) * shared_expert(x)`:
+  * copy variant: the shared expert is all zeros (zero down_proj makes its output exactly 0 whatever the gate; a gate
+    pushing the sigmoid "towards 0" would only be approximate). It stays dead unless someone trains it.
+  * shared variant: the shared expert is the FFN with down_proj multiplied by 2 and a zero shared_expert_gate, so
+    sigmoid(0) = 1/2 times 2 gives the FFN exactly (both factors are powers of two). The plan saved in the folder
+    describes the HF tensors, so its shared expert's `fc2_scale` carries that factor 2, and `deltamoe graft` grafts
+    the delta with it. An export of a Megatron shared-variant MoE to Qwen2-MoE has to follow the same convention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from deltamoe.common.errors import DeltaMoEError
+from deltamoe.common.hashing import sha256_dir
+from deltamoe.common.outputs import atomic_output_dir
+from deltamoe.converters.hf_moe_layout import FORMATS, MoEFormat, format_for_dense, parse_dense_name
+from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter, copy_tokenizer_files, read_config
+from deltamoe.megatron_ext.moe.plan import ExpertSource, UpcyclePlan
+
+QWEN2_MOE_SHARED_GATE_COMPENSATION = 2.0
+"""1 / sigmoid(0): the factor on a Qwen2-MoE shared expert's down_proj that cancels a zero shared_expert_gate."""
+
+
+def ffn_slice(tensor: torch.Tensor, proj: str, source: ExpertSource) -> torch.Tensor:
+    """The part of a dense FFN tensor an expert takes: gate/up rows or down columns [start, stop), scaled (float32)."""
+    t = tensor.float()
+    part, scale = ((t[source.ffn_start:source.ffn_stop], source.fc1_scale) if proj in ("gate", "up")
+                   else (t[:, source.ffn_start:source.ffn_stop], source.fc2_scale))
+    return part if scale == 1.0 else part * scale  # a view when unscaled: callers never write into it
+
+
+def _expert_width(plan: UpcyclePlan) -> int:
+    widths = {e.ffn_stop - e.ffn_start for e in plan.routed_experts}
+    if len(widths) != 1:
+        raise DeltaMoEError(f"upcycle plan: routed experts have different widths {sorted(widths)}; HF MoE formats "
+                            "need one expert size")
+    for i, e in enumerate([*plan.routed_experts, *([plan.shared_expert] if plan.shared_expert else [])]):
+        if not 0 <= e.ffn_start < e.ffn_stop <= plan.ffn_hidden_size:
+            raise DeltaMoEError(f"upcycle plan: expert source {i} slice [{e.ffn_start}, {e.ffn_stop}) is outside the "
+                                f"FFN (ffn_hidden_size {plan.ffn_hidden_size})")
+    return widths.pop()
+
+
+def moe_config(dense: dict, fmt: MoEFormat, plan: UpcyclePlan) -> dict:
+    """The MoE config.json: the dense config with the MoE fields of `fmt` added."""
+    if fmt.name == "mixtral" and (dense.get("attention_bias") or dense.get("mlp_bias")):
+        raise DeltaMoEError("config.json: attention_bias/mlp_bias are set but Mixtral has no biases")
+    cfg = {k: v for k, v in dense.items() if k not in ("architectures", "transformers_version")}
+    cfg.update(model_type=fmt.name, architectures=[fmt.architecture], num_experts_per_tok=plan.topk,
+               output_router_logits=False)
+    cfg[fmt.num_experts_field] = plan.num_experts
+    cfg[fmt.expert_size_field] = _expert_width(plan)
+    if fmt.name == "mixtral":
+        cfg.setdefault("sliding_window", None)
+        cfg["router_jitter_noise"] = 0.0
+    else:
+        cfg.update(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    if fmt.has_shared_expert:
+        shared = plan.shared_expert
+        cfg["shared_expert_intermediate_size"] = (shared.ffn_stop - shared.ffn_start) if shared else cfg[fmt.expert_size_field]
+    return cfg
+
+
+def _check_plan(plan: UpcyclePlan, fmt: MoEFormat, dense: dict) -> None:
+    if plan.ffn_hidden_size != dense.get("intermediate_size"):
+        raise DeltaMoEError(f"upcycle plan: ffn_hidden_size ({plan.ffn_hidden_size}) differs from the dense "
+                            f"config's intermediate_size ({dense.get('intermediate_size')})")
+    if plan.noise_std != 0.0 or plan.router_init != "zeros":
+        raise DeltaMoEError("upcycle plan: the HF upcycle makes exact copies with zero routers "
+                            f"(noise_std 0, router_init 'zeros'); got noise_std {plan.noise_std}, router_init {plan.router_init!r}")
+    if plan.shared_expert is not None and not fmt.has_shared_expert:
+        raise DeltaMoEError(f"upcycle plan: variant {plan.variant!r} has a shared expert but {fmt.name} has none "
+                            f"(use {[f for f, v in FORMATS.items() if v.has_shared_expert]})")
+    if plan.variant == "shared" and plan.shared_expert is None:
+        raise DeltaMoEError("upcycle plan: variant 'shared' needs a shared_expert source")
+
+
+def upcycle_hf(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, plan: UpcyclePlan, fmt: str | None = None, *,
+               overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write an HF MoE folder of format `fmt` (default: the dense model's counterpart) made from `dense_dir`."""
+    dense_dir, out_dir = Path(dense_dir), Path(out_dir)
+    dense = read_config(dense_dir)
+    counterpart = format_for_dense(dense.get("model_type"), f"{dense_dir}/config.json")
+    if fmt is not None and fmt != counterpart.name:
+        raise DeltaMoEError(f"{dense_dir}/config.json: a {dense.get('model_type')} model upcycles to "
+                            f"{counterpart.name}, not {fmt}")
+    fmt_ = counterpart
+    _check_plan(plan, fmt_, dense)
+    config = moe_config(dense, fmt_, plan)
+    shared_source = plan.shared_expert
+    if shared_source is not None and fmt_.name == "qwen2_moe":
+        shared_source = dataclasses.replace(
+            shared_source, fc2_scale=shared_source.fc2_scale * QWEN2_MOE_SHARED_GATE_COMPENSATION)
+    saved_plan = dataclasses.replace(plan, shared_expert=shared_source, base_architecture=dense["model_type"],
+                                     base_sha256=sha256_dir(dense_dir, patterns=("*.safetensors",)))
+    reader = SafetensorsReader(dense_dir)
+    num_layers = dense["num_hidden_layers"]
+    with atomic_output_dir(out_dir, inputs=[dense_dir], overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes)
+        dtype = None
+        for name, tensor in reader.iter_tensors():
+            dtype = dtype or tensor.dtype
+            ffn = parse_dense_name(name)
+            if ffn is None:
+                writer.add(name, tensor)
+                continue
+            layer, proj = ffn
+            for j, source in enumerate(plan.routed_experts):
+                writer.add(fmt_.expert_name(layer, j, proj), ffn_slice(tensor, proj, source).to(tensor.dtype))
+            if fmt_.has_shared_expert:
+                if shared_source is not None:
+                    shared = ffn_slice(tensor, proj, shared_source)
+                else:  # copy variant: a shared expert whose output is exactly zero
+                    width = config["shared_expert_intermediate_size"]
+                    shared = torch.zeros((width, tensor.shape[1]) if proj != "down" else (tensor.shape[0], width))
+                writer.add(fmt_.shared_expert_name(layer, proj), shared.to(tensor.dtype))
+        hidden = dense["hidden_size"]
+        for layer in range(num_layers):
+            writer.add(fmt_.router_name(layer), torch.zeros(plan.num_experts, hidden, dtype=dtype))
+            if fmt_.has_shared_expert:
+                writer.add(fmt_.shared_expert_gate_name(layer), torch.zeros(1, hidden, dtype=dtype))
+        writer.finish()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        saved_plan.save(tmp)
+        copy_tokenizer_files(dense_dir, tmp)
+    return out_dir
