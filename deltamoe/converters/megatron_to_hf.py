@@ -69,13 +69,30 @@ def hf_tensors(state: dict[str, torch.Tensor], hf_config: dict, *, moe: dict | N
     unused = sorted(set(params) - set(bindings))
     if unused:
         raise DeltaMoEError(f"megatron tensor {unused[0]!r} has no mapping to the HF format ({len(unused)} unmapped)")
+    ungated_shared = moe is not None and fmt_name == "qwen2_moe" and _ungated_shared(moe)
     for name, binding in bindings.items():
         if name not in params:
             raise DeltaMoEError(f"megatron checkpoint lacks tensor {name!r}")
-        for hf_name, t in zip(binding.hf, to_hf(binding.rule.transform, params[name], config)):
+        tensor = params[name]
+        if ungated_shared and name.endswith("shared_experts.linear_fc2.weight"):
+            tensor = tensor * UNGATED_SHARED_FC2_SCALE
+        for hf_name, t in zip(binding.hf, to_hf(binding.rule.transform, tensor, config)):
             yield hf_name, t
     if moe is not None and fmt_name == "qwen2_moe" and not moe.get("shared_expert_intermediate_size"):
         yield from _zero_shared_experts(config)
+    if ungated_shared:
+        for i in range(config.num_layers):
+            yield f"model.layers.{i}.mlp.shared_expert_gate.weight", torch.zeros(1, config.hidden_size)
+
+
+# Qwen2-MoE always gates its shared expert with sigmoid(shared_expert_gate(x)). An ungated megatron shared expert is
+# exported with a zero gate (sigmoid = 1/2 for every token) and its down-projection doubled: the same function. The
+# exported upcycle plan records the doubled scale, so graft adds a doubled FFN delta to that expert too.
+UNGATED_SHARED_FC2_SCALE = 2.0
+
+
+def _ungated_shared(moe: dict) -> bool:
+    return bool(moe.get("shared_expert_intermediate_size")) and not moe.get("shared_expert_gate")
 
 
 def _zero_shared_experts(config):
@@ -102,7 +119,7 @@ class _WithFlags:
 
 def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str = "auto",
            max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
-    from deltamoe.megatron_ext.moe.plan import PLAN_FILE
+    from deltamoe.megatron_ext.moe.plan import PLAN_FILE, UpcyclePlan
     from deltamoe.megatron_ext.runtime.checkpoint import load_model, read_metadata
     from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
 
@@ -132,9 +149,14 @@ def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtyp
             writer.add(hf_name, t.to(out_dtype))
         writer.finish()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        for name in (*TOKENIZER_FILES, "generation_config.json", PLAN_FILE):
+        for name in (*TOKENIZER_FILES, "generation_config.json"):
             if (megatron_dir / name).exists():
                 shutil.copy2(megatron_dir / name, tmp / name)
+        if (megatron_dir / PLAN_FILE).exists():
+            plan = UpcyclePlan.load(megatron_dir)
+            if fmt_name == "qwen2_moe" and _ungated_shared(meta.moe) and plan.shared_expert is not None:
+                plan.shared_expert.fc2_scale *= UNGATED_SHARED_FC2_SCALE
+            plan.save(tmp)
     print(f"exported {megatron_dir} -> {out} ({fmt_name or arch.name}) in {time.time() - started:.1f}s")
     return Path(out)
 
