@@ -32,7 +32,8 @@ def hf_logits(folder, input_ids: torch.Tensor) -> torch.Tensor:
 
 def run_torchrun(nproc: int, script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `script` (a python file) under torchrun with `nproc` gloo processes; raise with its output on failure."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
            script, *args]
     # --master-port 0 is not accepted by every torchrun; use a free port instead.
