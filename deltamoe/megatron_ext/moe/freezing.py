@@ -1,0 +1,106 @@
+"""Which parameters train in each DeltaMoE stage (MoE-LPR, Zhou et al. 2024, arXiv:2408.11396).
+
+- stage 1 (new-language continued pre-training): the routed experts that are not frozen in the upcycle plan
+  (copy variant: experts 1..E-1; shared variant: every routed expert), the routers, and the shared-expert gate.
+  Everything else stays frozen: embeddings, attention, norms, the output layer, expert 0 (the original FFN) on
+  whichever expert-parallel rank holds it, and the shared expert (the original FFN in the shared variant).
+- stage 2 (review with original-language replay): routers only, plus the shared-expert gate, which is the shared
+  variant's router for the original FFN (zjwang21/Megatron-LM-MoELPR trains that gate in its stage 2 as well).
+
+How the frozen experts stay bit-identical: by `requires_grad = False` on their own parameter tensors, set in the model
+provider *before* megatron wraps the model. Megatron's DDP then leaves them out of its gradient buffers and the
+(distributed) optimizer never sees them, so neither Adam's moments nor decoupled weight decay (which moves a weight
+even when its gradient is zero) can touch them. That needs one tensor per expert, which every expert module DeltaMoE
+uses has: megatron's SequentialMLP (`experts.local_experts.{i}.linear_fc1.weight`), the fast spec's grouped experts
+(the same names) and Transformer Engine's TEGroupedMLP (`experts.linear_fc1.weight{i}`, one GroupedLinear weight per
+GEMM). A gradient mask on a stacked [E, ...] weight was rejected: it would also have to undo weight decay and the
+moment updates every step, and with the distributed optimizer the fp32 master shard would still drift. So a stacked
+layout (TE's `moe_single_grouped_weight`) is refused with an error instead of silently training expert 0.
+
+Local expert j on expert-parallel rank r is global expert r * (E / EP) + j (megatron's contiguous expert placement).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from deltamoe.common.errors import DeltaMoEError
+
+_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+_TE_GROUPED = re.compile(r"\.mlp\.experts\.linear_fc[12]\.(?:weight|bias)(\d+)$")
+_EXPERTS = re.compile(r"\.mlp\.experts\.")
+_ROUTER = re.compile(r"\.mlp\.router\.")
+_SHARED_GATE = re.compile(r"\.mlp\.shared_experts\.gate_weight$")
+
+STAGES = (1, 2)
+
+
+@dataclass
+class FreezeReport:
+    stage: int
+    trainable: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    trainable_numel: int = 0
+    frozen_numel: int = 0
+
+    def summary(self) -> str:
+        total = self.trainable_numel + self.frozen_numel
+        share = 100.0 * self.trainable_numel / max(total, 1)
+        return (f"stage {self.stage}: {len(self.trainable)} trainable tensors ({self.trainable_numel:,} parameters, "
+                f"{share:.2f}%), {len(self.frozen)} frozen ({self.frozen_numel:,})")
+
+
+def global_expert_index(name: str, *, ep_rank: int, num_local_experts: int) -> int | None:
+    """The global expert a parameter belongs to, or None for non-expert parameters; refuses stacked expert weights."""
+    match = _LOCAL_EXPERT.search(name) or _TE_GROUPED.search(name)
+    if match:
+        return ep_rank * num_local_experts + int(match.group(1))
+    if _EXPERTS.search(name):
+        raise DeltaMoEError(
+            f"parameter {name!r} holds several experts in one tensor, so expert 0 cannot be frozen on its own; use "
+            "per-expert weights (SequentialMLP, the fast spec, or TEGroupedMLP without moe_single_grouped_weight)"
+        )
+    return None
+
+
+def is_trainable(name: str, *, stage: int, frozen_experts: set[int], ep_rank: int, num_local_experts: int) -> bool:
+    if stage not in STAGES:
+        raise DeltaMoEError(f"--deltamoe-stage must be 1 or 2, got {stage}")
+    if _ROUTER.search(name) or _SHARED_GATE.search(name):
+        return True
+    expert = global_expert_index(name, ep_rank=ep_rank, num_local_experts=num_local_experts)
+    if stage == 1 and expert is not None:
+        return expert not in frozen_experts
+    return False
+
+
+def apply_stage_freezing(model_chunks, *, stage: int, frozen_experts, num_experts: int, ep_rank: int | None = None,
+                         ep_size: int | None = None) -> FreezeReport:
+    """Set requires_grad on every parameter of the (unwrapped) model chunks for `stage`. Call before DDP wrapping."""
+    if ep_rank is None or ep_size is None:
+        from megatron.core import parallel_state
+
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
+        ep_size = parallel_state.get_expert_model_parallel_world_size()
+    if num_experts % ep_size:
+        raise DeltaMoEError(f"num_experts ({num_experts}) must be divisible by expert_model_parallel_size ({ep_size})")
+    frozen = set(frozen_experts)
+    bad = sorted(e for e in frozen if not 0 <= e < num_experts)
+    if bad:
+        raise DeltaMoEError(f"frozen experts {bad} are outside 0..{num_experts - 1}")
+    report = FreezeReport(stage=stage)
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            train = is_trainable(name, stage=stage, frozen_experts=frozen, ep_rank=ep_rank,
+                                 num_local_experts=num_experts // ep_size)
+            param.requires_grad_(train)
+            (report.trainable if train else report.frozen).append(name)
+            if train:
+                report.trainable_numel += param.numel()
+            else:
+                report.frozen_numel += param.numel()
+    if not any("router" in n for n in report.trainable) and report.trainable + report.frozen:
+        raise DeltaMoEError("stage freezing found no router parameter: is this checkpoint an upcycled MoE?")
+    return report

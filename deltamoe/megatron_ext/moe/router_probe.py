@@ -1,0 +1,158 @@
+"""Per-token language context for megatron's routers: capture their logits, add language-prior losses, mask by language.
+
+`install_router_probe(model, probe)` wraps the `routing(logits)` method of every `TopKRouter` in the model (megatron
+calls `gating -> routing` in `TopKRouter.forward`), so every MoE layer hands us its router logits [s, b, E] before
+top-k. From those logits (the full softmax over all E experts, never a softmax of already-normalised top-k weights)
+the probe
+- masks experts outside each token's language allocation to -inf before top-k (`--expert-allocation by-language`,
+  allocation.mask_router_logits);
+- attaches MoE-LPR's language-prior loss (stage 2) and/or the allocation loss to the routing probabilities with
+  megatron's `MoEAuxLossAutoScaler`, the mechanism megatron's own load-balancing loss uses: the gradient flows into
+  the router of that layer at backward time, scaled by the schedule's loss scale (1/num_microbatches, or the
+  per-token scale), so it works with any pipeline layout and needs no graph kept across layers. Each layer adds
+  coeff * loss_layer, so the total is coeff * sum over MoE layers of the per-token mean (routing_losses.lpr_loss);
+- accumulates, without gradient, the mean router probability of expert 0 per layer and language (the metric that
+  shows stage 2 working: original-language tokens move back to the frozen original FFN).
+
+The forward step sets the batch context (`probe.set_batch(lang_ids, original_mask)`, both [b, s]) before calling the
+model. With sequence parallelism a router sees only its tensor-parallel rank's chunk of the sequence, so the
+context is chunked the same way; context parallelism reorders tokens and is refused.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+
+from deltamoe.common.errors import DeltaMoEError
+from deltamoe.megatron_ext.moe.allocation import mask_router_logits
+from deltamoe.megatron_ext.moe.routing_losses import allocation_loss, lpr_loss
+
+
+@dataclass(kw_only=True)
+class ProbeSettings:
+    num_languages: int
+    num_layers: int
+    """Global number of transformer layers (router.layer_number is 1-based and global)."""
+    lpr_loss_coeff: float = 0.0
+    allocation_loss_coeff: float = 0.0
+    allocation_mask: torch.Tensor | None = None
+    """[num_languages, E] bool: experts each language may use (None: no allocation)."""
+    mask_by_language: bool = False
+    """Hard routing constraint: forbidden experts' logits set to -inf before top-k."""
+
+    def __post_init__(self):
+        if self.lpr_loss_coeff < 0 or self.allocation_loss_coeff < 0:
+            raise DeltaMoEError("--lpr-loss-coeff and --allocation-loss-coeff must be >= 0")
+        if (self.mask_by_language or self.allocation_loss_coeff > 0) and self.allocation_mask is None:
+            raise DeltaMoEError("--expert-allocation by-language and --allocation-loss-coeff need --expert-allocation-map")
+
+
+@dataclass
+class RouterProbe:
+    settings: ProbeSettings
+    lang_ids: torch.Tensor | None = None          # [s, b] for the current micro-batch
+    original_mask: torch.Tensor | None = None     # [s, b] F(t), float
+    sums: torch.Tensor | None = None
+    """Running sums since the last report, kept on the model's device (no host sync per layer):
+    [0] expert-0 probability and [1] token count, each [layers, languages]; [2, 0, 0] sum of per-layer LPR losses,
+    [2, 0, 1] number of (layer, micro-batch) terms."""
+
+    def reset(self) -> None:
+        self.sums = None
+
+    def _sums(self, device) -> torch.Tensor:
+        if self.sums is None:
+            s = self.settings
+            self.sums = torch.zeros(3, s.num_layers, max(s.num_languages, 2), dtype=torch.float64, device=device)
+        return self.sums
+
+    def set_batch(self, lang_ids: torch.Tensor, original_mask: torch.Tensor) -> None:
+        """lang_ids [b] or [b, s] (per sample or per token), original_mask [b, s]; stored sequence-first like the router."""
+        if lang_ids.dim() == 1:
+            lang_ids = lang_ids.unsqueeze(1).expand_as(original_mask)
+        self.lang_ids = lang_ids.t().contiguous()
+        self.original_mask = original_mask.t().contiguous().float()
+
+    def clear_batch(self) -> None:
+        self.lang_ids = self.original_mask = None
+
+    def _local_context(self, router, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lang, mask = self.lang_ids, self.original_mask
+        if lang is None:
+            raise DeltaMoEError("router probe: the forward step did not set the batch's language context")
+        if router.config.context_parallel_size > 1:
+            raise DeltaMoEError("per-language routing (metrics, LPR, allocation) does not support context parallelism yet")
+        if lang.shape[0] != seq_len:
+            tp = router.tp_group.size()
+            if not router.config.sequence_parallel or lang.shape[0] != seq_len * tp:
+                raise DeltaMoEError(f"router probe: router sees {seq_len} positions, the batch has {lang.shape[0]}")
+            rank = router.tp_group.rank()
+            lang, mask = lang[rank * seq_len:(rank + 1) * seq_len], mask[rank * seq_len:(rank + 1) * seq_len]
+        return lang.to(router.weight.device), mask.to(router.weight.device)
+
+    def routing(self, router, original_routing, logits: torch.Tensor, *args, **kwargs):
+        s = self.settings
+        lang, mask = self._local_context(router, logits.shape[0])
+        if s.mask_by_language:
+            logits = mask_router_logits(logits, lang, s.allocation_mask.to(logits.device))
+        probs, routing_map = original_routing(logits, *args, **kwargs)
+        layer = router.layer_number - 1
+        sums = self._sums(logits.device)
+        with torch.no_grad():
+            p0 = torch.softmax(logits.float(), dim=-1)[..., 0].reshape(-1).double()
+            flat_lang = lang.reshape(-1).long()
+            valid = (flat_lang >= 0).double()
+            index = flat_lang.clamp(min=0)
+            sums[0, layer].index_add_(0, index, p0 * valid)
+            sums[1, layer].index_add_(0, index, valid)
+        if router.training and torch.is_grad_enabled():
+            aux = None
+            if s.lpr_loss_coeff > 0:
+                lpr = lpr_loss(logits, mask, 0, from_logits=True)
+                sums[2, 0, 0] += lpr.detach().double()
+                sums[2, 0, 1] += 1.0
+                aux = s.lpr_loss_coeff * lpr
+            if s.allocation_loss_coeff > 0:
+                alloc = allocation_loss(logits, lang, s.allocation_mask.to(logits.device), from_logits=True)
+                aux = alloc * s.allocation_loss_coeff if aux is None else aux + alloc * s.allocation_loss_coeff
+            if aux is not None:
+                probs = _attach(router, probs, aux)
+        return probs, routing_map
+
+
+def _attach(router, probs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """Add `loss` to the training objective through megatron's aux-loss autograd hook (as its load-balancing loss)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    if router.config.calculate_per_token_loss:
+        # As megatron's attach_and_log_load_balancing_loss: per-token mode divides every gradient by the global token
+        # count, so the router loss is pre-multiplied by this rank's token count to keep the same effective weight.
+        loss = loss * probs.shape[0] * router.tp_cp_group.size()
+    return MoEAuxLossAutoScaler.apply(probs, loss)
+
+
+def routers(model) -> list:
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return [m for m in model.modules() if isinstance(m, TopKRouter)]
+
+
+def install_router_probe(model_chunks, probe: RouterProbe) -> int:
+    """Wrap every router's `routing` in the model chunks; returns how many routers were wrapped."""
+    count = 0
+    for chunk in model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]:
+        for router in routers(chunk):
+            if getattr(router, "_deltamoe_probe", None) is not None:
+                raise DeltaMoEError("router probe already installed on this model")
+            original = router.routing
+
+            def routing(self, logits, *args, _original=original, **kwargs):
+                return probe.routing(self, _original, logits, *args, **kwargs)
+
+            router.routing = types.MethodType(routing, router)
+            router._deltamoe_probe = probe
+            count += 1
+    return count

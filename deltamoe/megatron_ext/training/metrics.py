@@ -1,0 +1,116 @@
+"""Per-language training metrics: LM loss per language and the router probability of expert 0 per layer and language.
+
+Sums accumulate on the device during the forward passes (loss function and router probe) and are reduced once per
+`--routing-log-interval` from megatron's `finalize_model_grads` hook, which every rank runs once per iteration outside
+the pipeline schedule (a collective inside the forward step could deadlock pipeline stages). The reduction is one
+all-reduce over the whole world of (sum, count) pairs: ranks that see the same tokens (tensor-parallel replicas)
+scale sum and count alike, ranks that see different tokens (data, expert, sequence parallel) add up, so every
+ratio is the exact mean over the global batch whatever the layout. Rank 0 appends one JSON line per report and
+writes TensorBoard scalars when Megatron has a writer (`--tensorboard-dir` and tensorboard installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from deltamoe.megatron_ext.moe.router_probe import RouterProbe
+
+
+class LanguageMetrics:
+    def __init__(self, *, languages: list[str], num_layers: int, probe: RouterProbe, log_file: str | None,
+                 interval: int, stage: int):
+        self.languages, self.num_layers, self.probe = list(languages), num_layers, probe
+        self.log_file, self.interval, self.stage = log_file, max(1, interval), stage
+        self.lm_sums: torch.Tensor | None = None  # [2, languages]: loss sum, token count
+
+    def add_lm(self, per_token_loss: torch.Tensor, loss_mask: torch.Tensor, lang_ids: torch.Tensor) -> None:
+        """per_token_loss, loss_mask [b, s]; lang_ids [b]."""
+        with torch.no_grad():
+            if self.lm_sums is None:
+                self.lm_sums = torch.zeros(2, len(self.languages), dtype=torch.float64, device=per_token_loss.device)
+            mask = loss_mask.double()
+            per_sample = (per_token_loss.double() * mask).sum(dim=1)
+            ids = lang_ids.long().clamp(min=0)
+            valid = (lang_ids >= 0).double()
+            self.lm_sums[0].index_add_(0, ids, per_sample * valid)
+            self.lm_sums[1].index_add_(0, ids, mask.sum(dim=1) * valid)
+
+    def maybe_report(self, iteration: int) -> dict | None:
+        """Called by every rank once per iteration; reduces and writes every `interval` iterations."""
+        if iteration % self.interval:
+            return None
+        return self.report(iteration)
+
+    def report(self, iteration: int) -> dict:
+        num_lang = len(self.languages)
+        device = _device()
+        lm = self.lm_sums if self.lm_sums is not None else torch.zeros(2, num_lang, dtype=torch.float64, device=device)
+        probe_sums = self.probe.sums
+        if probe_sums is None:
+            probe_sums = torch.zeros(3, self.num_layers, max(num_lang, 2), dtype=torch.float64, device=device)
+        flat = torch.cat([lm.reshape(-1).to(device), probe_sums.reshape(-1).to(device)])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flat)
+        lm = flat[: 2 * num_lang].reshape(2, num_lang).cpu()
+        probe = flat[2 * num_lang:].reshape(3, self.num_layers, -1).cpu()
+        self.lm_sums = None
+        self.probe.reset()
+        record = {"iteration": iteration, "stage": self.stage, "lm_loss": {}, "tokens": {}, "expert0_prob": {}}
+        for i, lang in enumerate(self.languages):
+            tokens = float(lm[1, i])
+            record["tokens"][lang] = int(tokens)
+            record["lm_loss"][lang] = float(lm[0, i] / tokens) if tokens > 0 else None
+            counts = probe[1, :, i]
+            record["expert0_prob"][lang] = [float(probe[0, layer, i] / counts[layer]) if counts[layer] > 0 else None
+                                            for layer in range(self.num_layers)]
+        if probe[2, 0, 1] > 0:
+            record["lpr_loss_per_layer"] = float(probe[2, 0, 0] / probe[2, 0, 1])
+        if _rank() == 0:
+            self._write(record)
+        return record
+
+    def _write(self, record: dict) -> None:
+        if self.log_file:
+            path = Path(self.log_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        writer = _tensorboard_writer()
+        if writer is None:
+            return
+        it = record["iteration"]
+        for lang, value in record["lm_loss"].items():
+            if value is not None:
+                writer.add_scalar(f"deltamoe/lm_loss/{lang}", value, it)
+        for lang, layers in record["expert0_prob"].items():
+            values = [v for v in layers if v is not None]
+            for layer, value in enumerate(layers):
+                if value is not None:
+                    writer.add_scalar(f"deltamoe/expert0_prob/{lang}/layer{layer}", value, it)
+            if values:
+                writer.add_scalar(f"deltamoe/expert0_prob/{lang}/mean", sum(values) / len(values), it)
+        if "lpr_loss_per_layer" in record:
+            writer.add_scalar("deltamoe/lpr_loss_per_layer", record["lpr_loss_per_layer"], it)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _tensorboard_writer():
+    try:
+        from megatron.training.global_vars import get_tensorboard_writer
+
+        return get_tensorboard_writer()
+    except Exception:  # no trainer globals (unit tests) or tensorboard absent
+        return None

@@ -1,0 +1,330 @@
+"""Train an upcycled DeltaMoE checkpoint with Megatron-LM's trainer (`megatron.training.pretrain`): stage 1 or 2.
+
+Megatron-LM's own flags do everything they usually do (parallel sizes, precision, optimizer, schedule, checkpoints,
+logging); the architecture comes from the checkpoint's `deltamoe.json`. DeltaMoE adds the model provider (freezing
+per stage, router probe), the forward step (LM loss + router losses, per-language metrics), the language-tagged
+dataset provider and a few flags (see `flags.py`: --deltamoe-stage, --lpr-loss-coeff, --original-languages,
+--expert-allocation, --allocation-loss-coeff, --routing-log-interval, --routing-log-file).
+
+Stage 1, one process (CPU works: gloo and the CPU flags below are added when CUDA is absent):
+    python -m deltamoe.megatron_ext.training.train --deltamoe-stage 1 \
+        --pretrained-checkpoint /ckpt/moe --load /ckpt/stage1 --save /ckpt/stage1 --ckpt-format torch_dist \
+        --data-path 1.0 /data/es_text --original-languages en \
+        --seq-length 1024 --micro-batch-size 4 --global-batch-size 64 --train-iters 2000 \
+        --lr 1e-4 --min-lr 1e-5 --lr-decay-style cosine --lr-warmup-iters 100 --bf16 --save-interval 500
+
+One node, 8 GPUs, expert parallel 4 (torchrun):
+    torchrun --nproc-per-node 8 -m deltamoe.megatron_ext.training.train --deltamoe-stage 1 \
+        --expert-model-parallel-size 4 --use-distributed-optimizer <the flags above>
+
+Stage 2 (routers only, language-prior loss, original-language replay in the blend):
+    torchrun --nproc-per-node 8 -m deltamoe.megatron_ext.training.train --deltamoe-stage 2 \
+        --pretrained-checkpoint /ckpt/stage1 --load /ckpt/stage2 --save /ckpt/stage2 \
+        --data-path 0.5 /data/en_replay 0.5 /data/es_text --original-languages en --lpr-loss-coeff 0.01 ...
+
+A cluster (Slurm; one task per node, torchrun starts the local ranks):
+    srun --nodes 4 --ntasks-per-node 1 torchrun --nnodes 4 --nproc-per-node 8 \
+        --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:29500 -m deltamoe.megatron_ext.training.train <flags>
+
+Restarting the same command resumes from the newest checkpoint in --save (--load = --save); the first run, with
+nothing there yet, starts from --pretrained-checkpoint with a fresh optimizer (Megatron's finetune semantics).
+Per-language LM loss and the router probability of expert 0 per layer go to --routing-log-file (JSONL, default
+<--save>/deltamoe_routing.jsonl) and to TensorBoard with --tensorboard-dir.
+
+Optimizer and checkpoints (why the entry adds --use-distributed-optimizer by default):
+- Frozen parameters have no optimizer state. Megatron's non-distributed optimizer writes its state under the model's
+  checkpoint keys, where all experts of all layers form one global tensor; with expert 0 frozen that tensor is only
+  partly covered and torch_dist refuses to save it. The distributed optimizer writes flat per-rank buffers instead,
+  which only hold the trainable parameters, so it saves and resumes with frozen experts (and shards the optimizer
+  state over data-parallel ranks, as large runs want anyway).
+- Without apex/Transformer Engine megatron falls back to torch's AdamW, which keeps a `step` per parameter state.
+  On resume megatron asks the still-empty optimizer for a state-dict template and asserts it has exactly one step
+  (`assert len(steps) == 1`, distrib_optimizer.py; seen on CPU and on an H200 without TE). `_fix_torch_adam_resume`
+  gives an empty torch AdamW the state it would create at its first step (step 0, zero moments) before that
+  template is built; the loaded checkpoint then overwrites it, under torch.no_grad() (with float32 parameters the
+  optimizer's main-parameter shards are views of leaf parameters). Megatron then leaves every parameter's `step`
+  at the template's 0 (or one tensor shared by all parameters, which AdamW would increment once per parameter): each
+  state gets its own tensor holding the checkpoint's step. With these three
+  fixes a resumed run continues the unbroken loss curve exactly (tests/test_training.py). Production containers with
+  apex/TE never take this path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from deltamoe.common.errors import DeltaMoEError
+
+CPU_FLAGS = [
+    "--distributed-backend", "gloo", "--use-cpu-initialization", "--transformer-impl", "local",
+    "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
+    "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+]
+NO_TE_FLAGS = ["--transformer-impl", "local", "--no-rope-fusion", "--no-masked-softmax-fusion",
+               "--no-gradient-accumulation-fusion", "--no-persist-layer-norm"]
+
+
+class _State:
+    """What the entry learns before `pretrain` and its callbacks need (Megatron calls them without context)."""
+
+    meta = None
+    arch = None
+    plan = None
+    blend = None
+    probe = None
+    metrics = None
+    freeze_reports: list = []
+
+
+def _has_fused_adam() -> bool:
+    for module in ("transformer_engine.pytorch.optimizers", "apex.optimizers"):
+        try:
+            __import__(module)
+            return True
+        except Exception:
+            continue
+    return False
+
+
+def default_flags(argv: list[str], meta, arch, stage: int) -> list[str]:
+    from deltamoe.megatron_ext.training.flags import checkpoint_model_flags
+
+    flags = checkpoint_model_flags(meta, arch, stage=stage, user_argv=argv)
+    flags += ["--split", "100,0,0", "--ckpt-format", "torch_dist", "--eval-iters", "0", "--eval-interval", "1000",
+              "--use-distributed-optimizer"]
+    if not torch.cuda.is_available():
+        flags += CPU_FLAGS
+    else:
+        from deltamoe.megatron_ext.runtime.specs import HAVE_TE
+
+        if not HAVE_TE:
+            flags += NO_TE_FLAGS
+    return flags
+
+
+def _fix_torch_adam_resume() -> None:
+    """Let megatron's DistributedOptimizer build its (resume) state-dict template around torch's AdamW (see above)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE or getattr(distrib_optimizer.DistributedOptimizer, "_deltamoe_fixed", False):
+        return
+    original = distrib_optimizer.DistributedOptimizer.state_dict
+
+    def state_dict(self):
+        inner = self.optimizer
+        if isinstance(inner, torch.optim.Optimizer) and not inner.state:
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    # Exactly what torch.optim.AdamW allocates at its first step; its math is unchanged.
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+        return original(self)
+
+    original_load = distrib_optimizer.DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        # With float32 parameters the main-parameter shards are views of the model's leaf parameters; copying the
+        # loaded values into them must not be recorded by autograd.
+        with torch.no_grad():
+            result = original_load(self, state_dict)
+        # The iteration count torch's AdamW needs lives in the checkpoint's param groups (megatron's non-apex path).
+        # megatron hands every state the *same* step tensor, which AdamW increments in place once per parameter, and
+        # its dp_reshardable parameter-state copy then overwrites it with the template's value; set one tensor per
+        # state from the checkpoint, as AdamW itself creates them.
+        steps = {g["step"] for g in state_dict.get("optimizer", {}).get("param_groups", []) if g.get("step") is not None}
+        inner = self.optimizer
+        if "param_state" in state_dict and len(steps) == 1 and isinstance(inner, torch.optim.Optimizer):
+            step = float(steps.pop())
+            for state in inner.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(step)
+        return result
+
+    distrib_optimizer.DistributedOptimizer.state_dict = state_dict
+    distrib_optimizer.DistributedOptimizer.load_state_dict = load_state_dict
+    distrib_optimizer.DistributedOptimizer._deltamoe_fixed = True
+
+
+def _to_device(t: torch.Tensor) -> torch.Tensor:
+    return t.cuda(non_blocking=True) if torch.cuda.is_available() else t
+
+
+def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+    """Build the checkpoint's MoE (weights come from --load / --pretrained-checkpoint), freeze for the stage, probe routers."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.training import get_args, print_rank_0
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    from deltamoe.megatron_ext.moe.freezing import apply_stage_freezing
+    from deltamoe.megatron_ext.moe.router_probe import install_router_probe
+    from deltamoe.megatron_ext.runtime.model_builder import build_gpt_model
+
+    args = get_args()
+    cfg = config or core_transformer_config_from_args(args)
+    model = build_gpt_model(_State.arch, cfg, padded_vocab=_State.meta.padded_vocab_size, spec=args.deltamoe_layer_spec,
+                            pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+    report = apply_stage_freezing(model, stage=args.deltamoe_stage, frozen_experts=_State.plan.frozen_experts,
+                                  num_experts=args.num_experts)
+    _State.freeze_reports.append(report)
+    print(f"[rank {torch.distributed.get_rank()}] {report.summary()}", flush=True)
+    install_router_probe(model, _State.probe)
+
+    def finalize_and_report(*f_args, **f_kwargs):
+        result = finalize_model_grads(*f_args, **f_kwargs)
+        _State.metrics.maybe_report(get_args().curr_iteration + 1)
+        return result
+
+    cfg.finalize_model_grads_func = finalize_and_report
+    print_rank_0(f"DeltaMoE stage {args.deltamoe_stage}: frozen experts {_State.plan.frozen_experts}, "
+                 f"layer spec {args.deltamoe_layer_spec}")
+    return model
+
+
+def get_batch(data_iterator) -> dict[str, torch.Tensor]:
+    batch = next(data_iterator)
+    return {k: _to_device(v) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def loss_func(batch: dict, training: bool, output_tensor: torch.Tensor):
+    """Megatron's per-token loss contract: (loss sum, token count, {name: [sum, count]} for logging)."""
+    loss_mask = batch["loss_mask"].float()
+    losses = output_tensor.float()
+    loss_sum = (losses * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    if training:
+        _State.metrics.add_lm(losses.detach(), loss_mask, batch["lang_id"])
+    reporting = torch.cat([loss_sum.detach().view(1), num_tokens.float().view(1)])
+    return loss_sum, num_tokens, {"lm loss": reporting}
+
+
+def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    batch = get_batch(data_iterator)
+    _State.probe.set_batch(batch["lang_id"], batch["original_language_mask"])
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(loss_func, batch, model.training)
+
+
+def datasets_provider(train_val_test_num_samples, vp_stage=None):
+    from megatron.training import get_args
+
+    from deltamoe.megatron_ext.data.blend import build_language_tagged_datasets, gpt_dataset_config
+
+    args = get_args()
+    config = gpt_dataset_config(
+        _State.blend, sequence_length=args.seq_length, random_seed=args.seed, split=args.split,
+        path_to_cache=args.data_cache_path, eod_mask_loss=args.eod_mask_loss,
+        reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
+    )
+    sizes = [n if n else 0 for n in train_val_test_num_samples]
+    return build_language_tagged_datasets(_State.blend, config, sizes)
+
+
+datasets_provider.is_distributed = True  # every rank reads its own batches (the router probe needs them everywhere)
+
+
+def _prepare_save_folder(save: str | None, source: Path) -> None:
+    """Make --save a DeltaMoE checkpoint folder too: metadata, upcycle plan and tokenizer next to megatron's iterations."""
+    from deltamoe.converters.safetensors_io import TOKENIZER_FILES
+    from deltamoe.megatron_ext.moe.plan import PLAN_FILE
+    from deltamoe.megatron_ext.runtime.checkpoint import METADATA_FILE
+
+    if not save or int(os.environ.get("RANK", "0")) != 0 or Path(save).resolve() == source.resolve():
+        return
+    Path(save).mkdir(parents=True, exist_ok=True)
+    for name in (METADATA_FILE, PLAN_FILE, *TOKENIZER_FILES, "generation_config.json"):
+        if (source / name).exists():
+            tmp = Path(save) / f".{name}.tmp-{os.getpid()}"
+            shutil.copy2(source / name, tmp)
+            os.replace(tmp, Path(save) / name)
+
+
+def _setup(args) -> None:
+    """After Megatron parsed the flags: validate, read the data blend, build the probe and metrics."""
+    from deltamoe.megatron_ext.data.blend import load_language_blend
+    from deltamoe.megatron_ext.data.language_tag import read_language_tag
+    from deltamoe.megatron_ext.moe.allocation import ExpertAllocation
+    from deltamoe.megatron_ext.moe.router_probe import ProbeSettings, RouterProbe
+    from deltamoe.megatron_ext.training.flags import check_model_args, read_allocation_map, split_languages
+    from deltamoe.megatron_ext.training.metrics import LanguageMetrics
+
+    check_model_args(args, _State.meta, _State.arch)
+    if not args.data_path:
+        raise DeltaMoEError("--data-path is required: language-tagged datasets from `deltamoe prepare-data`")
+    from deltamoe.megatron_ext.data.blend import parse_blend
+
+    languages = split_languages(args.languages)
+    if not languages:
+        for _, prefix in parse_blend(args.data_path):
+            lang = read_language_tag(prefix).language
+            if lang not in languages:
+                languages.append(lang)
+    _State.blend = load_language_blend(args.data_path, languages=languages,
+                                       original_languages=split_languages(args.original_languages))
+    allocation_mask = None
+    if args.expert_allocation_map:
+        raw = read_allocation_map(args.expert_allocation_map)
+        allocation = ExpertAllocation(languages=list(languages), experts=raw["experts"],
+                                      shared_experts=raw.get("shared_experts", []), num_experts=args.num_experts,
+                                      topk=args.moe_router_topk, expert_model_parallel_size=args.expert_model_parallel_size)
+        allocation_mask = allocation.mask()
+    settings = ProbeSettings(num_languages=len(languages), num_layers=args.num_layers,
+                             lpr_loss_coeff=args.lpr_loss_coeff, allocation_loss_coeff=args.allocation_loss_coeff,
+                             allocation_mask=allocation_mask, mask_by_language=args.expert_allocation == "by-language")
+    _State.probe = RouterProbe(settings)
+    log_file = args.routing_log_file or (str(Path(args.save) / "deltamoe_routing.jsonl") if args.save else None)
+    _State.metrics = LanguageMetrics(languages=languages, num_layers=args.num_layers, probe=_State.probe,
+                                     log_file=log_file, interval=args.routing_log_interval or args.log_interval,
+                                     stage=args.deltamoe_stage)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from megatron.core.enums import ModelType
+
+    from deltamoe.converters.architectures import read_architecture_config
+    from deltamoe.megatron_ext.data.megatron_helpers import disable_dataset_helper_compilation
+    from deltamoe.megatron_ext.moe.plan import UpcyclePlan
+    from deltamoe.megatron_ext.runtime import cpu_compat
+    from deltamoe.megatron_ext.runtime.checkpoint import read_metadata
+    from deltamoe.megatron_ext.training.flags import _argv_value, add_deltamoe_arguments, checkpoint_folder
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "RANK" not in os.environ:  # plain `python -m ...`: a one-process group, as torchrun would describe it
+        from deltamoe.megatron_ext.runtime.distributed import _free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    cpu_compat.install()  # no-op with CUDA
+    disable_dataset_helper_compilation()
+    stage = _argv_value(argv, "--deltamoe-stage")
+    if stage not in ("1", "2"):
+        raise DeltaMoEError("--deltamoe-stage 1 or 2 is required")
+    source = checkpoint_folder(argv)
+    _State.meta = read_metadata(source)
+    _, _State.arch = read_architecture_config(_State.meta.hf_config, source=str(source / "deltamoe.json"))
+    _State.plan = UpcyclePlan.load(source)
+    sys.argv = [sys.argv[0], *default_flags(argv, _State.meta, _State.arch, int(stage)), *argv]
+
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args(extra_args_provider=add_deltamoe_arguments)
+    _fix_torch_adam_resume()
+    _setup(args)
+    _prepare_save_folder(args.save, source)
+    cfg_container = pretrain_cfg_container_from_args(args)
+    pretrain(cfg_container, datasets_provider, ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DeltaMoEError as e:
+        print(f"deltamoe train: error: {e}", file=sys.stderr)
+        sys.exit(1)
