@@ -36,8 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="copy: expert 0 = FFN (frozen), experts 1..E-1 copies (MoE-LPR). shared: FFN = shared expert, "
                              "routed experts = granular slices with zero-initialised read-out")
     parser.add_argument("--granularity", type=int, default=1, help="shared variant: routed expert size = FFN size / G")
-    parser.add_argument("--router-init", choices=ROUTER_INITS, default="zeros",
-                        help="zeros: uniform routing at step 0; normal: seeded N(0, --router-init-std)")
+    # normal is the default: with a zero router and identical copies every logit ties, top-k always picks the same
+    # experts, and their equal outputs give the router no gradient, so the other new experts would never train.
+    # Any router keeps the copy variant exact at step 0 (all experts compute the same function).
+    parser.add_argument("--router-init", choices=ROUTER_INITS, default="normal",
+                        help="normal (default): seeded N(0, --router-init-std), breaks ties between identical copies; "
+                             "zeros: uniform routing at step 0")
     parser.add_argument("--router-init-std", type=float, default=0.02)
     parser.add_argument("--noise-std", type=float, default=0.0,
                         help="seeded Gaussian noise added to the new experts' copies (breaks exact function preservation)")
@@ -54,7 +58,7 @@ def checkpoint_sha256(folder: str | Path) -> dict[str, str]:
 
 
 def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, variant: str = "copy",
-            granularity: int = 1, router_init: str = "zeros", router_init_std: float = 0.02, noise_std: float = 0.0,
+            granularity: int = 1, router_init: str = "normal", router_init_std: float = 0.02, noise_std: float = 0.0,
             seed: int = 0, expert_parallel_size: int = 1, overwrite: bool = False) -> Path:
     """Load the dense checkpoint, transform its state dict, load it strictly into the MoE model and save both."""
     from deltamoe.converters.architectures import read_architecture_config

@@ -134,7 +134,9 @@ def _patch_torch_cuda() -> None:
     cuda.memory_stats = lambda *a, **k: {}
     cuda.mem_get_info = lambda *a, **k: (0, 0)
     cuda.get_device_name = lambda *a, **k: "cpu"
-    cuda.get_device_capability = lambda *a, **k: (0, 0)
+    # Megatron-LM's argument validation refuses --moe-grouped-gemm below compute capability 8.0; the grouped-GEMM
+    # path it guards falls back to torch ops that run on CPU, so report an Ampere-class device.
+    cuda.get_device_capability = lambda *a, **k: (8, 0)
     # The "CUDA" RNG is the CPU generator: CPU dropout draws from it, so megatron's RNG tracker keeps its meaning.
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
