@@ -62,7 +62,7 @@ def workspace(tmp_path_factory):
     (root / "data").mkdir()
     data = {"en": write_dataset(root / "data" / "en", "en", seed=1, lo=3, hi=60),
             "es": write_dataset(root / "data" / "es", "es", seed=2, lo=60, hi=120)}
-    return {"root": root, "moe": moe, "data": data}
+    return {"root": root, "dense": dense, "moe": moe, "data": data}
 
 
 def _env() -> dict:
@@ -147,6 +147,22 @@ def test_stage1_trains_new_experts_only_and_loss_falls(workspace, stage1):
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
     # The trainer's save folder is a DeltaMoE checkpoint too (metadata + plan next to megatron's iterations).
     assert (out / "deltamoe.json").exists() and (out / "deltamoe_upcycle.json").exists()
+
+
+@pytest.mark.slow
+def test_dense_continued_pretraining_from_imported_checkpoint(workspace):
+    """Megatron-LM's trainer starts from `deltamoe import`'s output (the dense-CPT baseline): every tensor trains,
+    the loss falls, and the saved iteration is a DeltaMoE checkpoint that exports."""
+    out = workspace["root"] / "dense-cpt"
+    records = train(workspace, out, iters=5, stage=0, init=workspace["dense"], extra=["--lr", "3e-3", "--min-lr", "3e-3"])
+    losses = lm_losses(records)
+    assert [r["iteration"] for r in records] == list(range(1, 6))
+    assert losses[-1] < losses[0], losses
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+    before, after = weights(workspace["dense"]), weights(out)
+    assert before.keys() == after.keys()
+    unchanged = [n for n in before if torch.equal(before[n], after[n])]
+    assert not unchanged, unchanged
 
 
 @pytest.mark.slow

@@ -14,15 +14,16 @@ from pathlib import Path
 
 from deltamoe.common.errors import DeltaMoEError
 
-STAGE_AUX_LOSS = {1: 0.01, 2: 0.0}
+STAGE_AUX_LOSS = {0: 0.0, 1: 0.01, 2: 0.0}
 """Default load-balancing loss per stage: on while new experts learn (stage 1), off in the routers-only review (the
 language prior decides routing there). --moe-aux-loss-coeff overrides."""
 
 
 def add_deltamoe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("DeltaMoE")
-    group.add_argument("--deltamoe-stage", type=int, choices=[1, 2], required=True,
-                       help="1: train new experts + routers (expert 0 frozen); 2: routers only (review)")
+    group.add_argument("--deltamoe-stage", type=int, choices=[0, 1, 2], required=True,
+                       help="1: train new experts + routers (expert 0 frozen); 2: routers only (review); "
+                            "0: dense continued pre-training of every parameter (the dense-CPT baseline)")
     group.add_argument("--lpr-loss-coeff", type=float, default=0.0,
                        help="gamma in L = L_lm + gamma * L_lpr (MoE-LPR language-prior loss; stage 2)")
     group.add_argument("--original-languages", type=str, default=None,
@@ -89,8 +90,11 @@ def checkpoint_folder(argv: list[str]) -> Path:
 
 def checkpoint_model_flags(meta, arch, *, stage: int, user_argv: list[str]) -> list[str]:
     """Megatron flags describing the checkpoint's model (architecture, MoE shape, vocabulary) plus stage defaults."""
-    if not meta.is_moe:
-        raise DeltaMoEError("the training entry trains upcycled MoE checkpoints; run `deltamoe upcycle` on a dense one first")
+    if stage == 0 and meta.is_moe:
+        raise DeltaMoEError("--deltamoe-stage 0 (dense continued pre-training) needs a dense checkpoint; this one is an MoE")
+    if stage != 0 and not meta.is_moe:
+        raise DeltaMoEError(f"--deltamoe-stage {stage} trains upcycled MoE checkpoints; run `deltamoe upcycle` on this "
+                            "dense one first (or --deltamoe-stage 0 for dense continued pre-training)")
     moe = meta.moe
     flags = [
         "--num-layers", str(arch.num_layers), "--hidden-size", str(arch.hidden_size),
@@ -100,12 +104,15 @@ def checkpoint_model_flags(meta, arch, *, stage: int, user_argv: list[str]) -> l
         "--normalization", "RMSNorm", "--norm-epsilon", repr(arch.norm_epsilon), "--swiglu", "--disable-bias-linear",
         "--position-embedding-type", "rope", "--rotary-base", str(int(arch.rope_theta)),
         "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
-        "--num-experts", str(moe["num_experts"]), "--moe-router-topk", str(moe["topk"]),
-        "--moe-ffn-hidden-size", str(moe.get("ffn_hidden_size") or arch.ffn_hidden_size),
-        "--moe-router-score-function", "softmax", "--moe-router-dtype", "fp32",
-        "--moe-token-dispatcher-type", moe.get("token_dispatcher", "alltoall"),
     ]
-    if moe.get("shared_expert_intermediate_size"):
+    if moe:
+        flags += [
+            "--num-experts", str(moe["num_experts"]), "--moe-router-topk", str(moe["topk"]),
+            "--moe-ffn-hidden-size", str(moe.get("ffn_hidden_size") or arch.ffn_hidden_size),
+            "--moe-router-score-function", "softmax", "--moe-router-dtype", "fp32",
+            "--moe-token-dispatcher-type", moe.get("token_dispatcher", "alltoall"),
+        ]
+    if moe and moe.get("shared_expert_intermediate_size"):
         flags += ["--moe-shared-expert-intermediate-size", str(moe["shared_expert_intermediate_size"])]
         if moe.get("shared_expert_gate"):
             flags += ["--moe-shared-expert-gate"]
@@ -120,8 +127,9 @@ def checkpoint_model_flags(meta, arch, *, stage: int, user_argv: list[str]) -> l
     if _argv_value(user_argv, "--tokenizer-type") is None:
         flags += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(arch.vocab_size)]
     flags += ["--padded-vocab-size", str(meta.padded_vocab_size)]
-    aux = STAGE_AUX_LOSS[stage]
-    flags += ["--moe-router-load-balancing-type", "aux_loss" if aux > 0 else "none", "--moe-aux-loss-coeff", str(aux)]
+    if moe:
+        aux = STAGE_AUX_LOSS[stage]
+        flags += ["--moe-router-load-balancing-type", "aux_loss" if aux > 0 else "none", "--moe-aux-loss-coeff", str(aux)]
     return flags
 
 
@@ -137,14 +145,18 @@ def check_model_args(args, meta, arch) -> None:
         if getattr(args, theirs) != getattr(arch, ours):
             raise DeltaMoEError(f"--{theirs.replace('_', '-')} {getattr(args, theirs)} contradicts the checkpoint "
                                 f"({getattr(arch, ours)}); leave architecture flags to the checkpoint")
+    if args.lpr_loss_coeff > 0 and args.deltamoe_stage != 2:
+        raise DeltaMoEError("--lpr-loss-coeff is the stage-2 (review) loss; use it with --deltamoe-stage 2")
     moe = meta.moe
+    if moe is None:
+        if args.num_experts:
+            raise DeltaMoEError(f"--num-experts {args.num_experts} contradicts the dense checkpoint")
+        return
     if args.num_experts != moe["num_experts"] or args.moe_router_topk != moe["topk"]:
         raise DeltaMoEError(f"--num-experts/--moe-router-topk ({args.num_experts}/{args.moe_router_topk}) contradict the "
                             f"checkpoint ({moe['num_experts']}/{moe['topk']})")
     if args.num_experts % args.expert_model_parallel_size:
         raise DeltaMoEError(f"--num-experts ({args.num_experts}) must be divisible by --expert-model-parallel-size "
                             f"({args.expert_model_parallel_size})")
-    if args.lpr_loss_coeff > 0 and args.deltamoe_stage != 2:
-        raise DeltaMoEError("--lpr-loss-coeff is the stage-2 (review) loss; use it with --deltamoe-stage 2")
     if args.lpr_loss_coeff > 0 and not split_languages(args.original_languages):
         raise DeltaMoEError("--lpr-loss-coeff needs --original-languages (e.g. 'en')")

@@ -169,11 +169,12 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     cfg = config or core_transformer_config_from_args(args)
     model = build_gpt_model(_State.arch, cfg, padded_vocab=_State.meta.padded_vocab_size, spec=args.deltamoe_layer_spec,
                             pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
-    report = apply_stage_freezing(model, stage=args.deltamoe_stage, frozen_experts=_State.plan.frozen_experts,
-                                  num_experts=args.num_experts)
-    _State.freeze_reports.append(report)
-    print(f"[rank {torch.distributed.get_rank()}] {report.summary()}", flush=True)
-    install_router_probe(model, _State.probe)
+    if args.deltamoe_stage > 0:  # stage 0 (dense continued pre-training) trains every parameter
+        report = apply_stage_freezing(model, stage=args.deltamoe_stage, frozen_experts=_State.plan.frozen_experts,
+                                      num_experts=args.num_experts)
+        _State.freeze_reports.append(report)
+        print(f"[rank {torch.distributed.get_rank()}] {report.summary()}", flush=True)
+        install_router_probe(model, _State.probe)
 
     def finalize_and_report(*f_args, **f_kwargs):
         result = finalize_model_grads(*f_args, **f_kwargs)
@@ -181,8 +182,8 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
         return result
 
     cfg.finalize_model_grads_func = finalize_and_report
-    print_rank_0(f"DeltaMoE stage {args.deltamoe_stage}: frozen experts {_State.plan.frozen_experts}, "
-                 f"layer spec {args.deltamoe_layer_spec}")
+    frozen = _State.plan.frozen_experts if _State.plan else "none (dense)"
+    print_rank_0(f"DeltaMoE stage {args.deltamoe_stage}: frozen experts {frozen}, layer spec {args.deltamoe_layer_spec}")
     return model
 
 
@@ -302,12 +303,12 @@ def main(argv: list[str] | None = None) -> None:
     cpu_compat.install()  # no-op with CUDA
     disable_dataset_helper_compilation()
     stage = _argv_value(argv, "--deltamoe-stage")
-    if stage not in ("1", "2"):
-        raise DeltaMoEError("--deltamoe-stage 1 or 2 is required")
+    if stage not in ("0", "1", "2"):
+        raise DeltaMoEError("--deltamoe-stage 1, 2 (or 0: dense continued pre-training) is required")
     source = checkpoint_folder(argv)
     _State.meta = read_metadata(source)
     _, _State.arch = read_architecture_config(_State.meta.hf_config, source=str(source / "deltamoe.json"))
-    _State.plan = UpcyclePlan.load(source)
+    _State.plan = UpcyclePlan.load(source) if _State.meta.is_moe else None
     sys.argv = [sys.argv[0], *default_flags(argv, _State.meta, _State.arch, int(stage)), *argv]
 
     from megatron.training import pretrain
