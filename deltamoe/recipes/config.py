@@ -181,7 +181,7 @@ class DataSource:
 
 @dataclass(kw_only=True)
 class TrainRecipe:
-    stage: Literal[1, 2]
+    stage: Literal[0, 1, 2]
     """1: new-language CPT, trains new experts + routers. 2: review, trains routers only with the LPR loss and replay."""
     seq_length: int
     micro_batch_size: int
@@ -213,16 +213,16 @@ class TrainRecipe:
     seed: int = 1234
 
     def __post_init__(self):
-        if self.stage not in (1, 2):
-            raise DeltaMoEError(f"train.stage must be 1 or 2, got {self.stage!r}")
+        if self.stage not in (0, 1, 2):
+            raise DeltaMoEError(f"train.stage must be 1, 2 or 0 (dense continued pre-training), got {self.stage!r}")
         _positive("train", seq_length=self.seq_length, micro_batch_size=self.micro_batch_size,
                   global_batch_size=self.global_batch_size, lr=self.lr, routing_log_interval=self.routing_log_interval)
         if (self.train_iters is None) == (self.train_tokens is None):
             raise DeltaMoEError(f"train: set exactly one of train_iters ({self.train_iters}) and train_tokens ({self.train_tokens})")
         if self.stage == 2 and self.lpr_loss_coeff is None:
             raise DeltaMoEError("train.lpr_loss_coeff must be set for stage 2 (the paper uses 0.1)")
-        if self.stage == 1 and self.lpr_loss_coeff is not None:
-            raise DeltaMoEError(f"train.lpr_loss_coeff ({self.lpr_loss_coeff}) has no effect in stage 1: leave it None")
+        if self.stage in (0, 1) and self.lpr_loss_coeff is not None:
+            raise DeltaMoEError(f"train.lpr_loss_coeff ({self.lpr_loss_coeff}) has no effect in stage {self.stage}: leave it None")
         if self.lpr_loss_coeff is not None and self.lpr_loss_coeff < 0:
             raise DeltaMoEError(f"train.lpr_loss_coeff must be >= 0, got {self.lpr_loss_coeff}")
         if not self.data_blend:

@@ -68,4 +68,13 @@ def smollm2_135m_demo_stage2_cpu(scale: float = 1.0, cache: str | Path | None = 
                                               DataSource(prefix="indexed/en-kjv.train", weight=1.0, lang="en")]))
 
 
-RECIPES = {f.__name__: f for f in (smollm2_135m_demo_stage1_cpu, smollm2_135m_demo_stage2_cpu)}
+def smollm2_135m_demo_dense_cpt_cpu(scale: float = 1.0, cache: str | Path | None = None, workdir: str | Path = "runs/demo") -> Recipe:
+    """The dense-CPT baseline: the dense model trained on stage 1's data for stage 1's iterations (the same tokens)."""
+    import dataclasses
+
+    stage1 = smollm2_135m_demo_stage1_cpu(scale, cache, workdir)
+    return dataclasses.replace(stage1, name="smollm2_135m_demo_dense_cpt_cpu", init_checkpoint="smollm2-dense",
+                               train=dataclasses.replace(stage1.train, stage=0, lr=1e-4, min_lr=1e-5, moe_aux_loss_coeff=0.0))
+
+
+RECIPES = {f.__name__: f for f in (smollm2_135m_demo_stage1_cpu, smollm2_135m_demo_stage2_cpu, smollm2_135m_demo_dense_cpt_cpu)}

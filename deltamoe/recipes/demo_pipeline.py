@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from deltamoe.recipes.demo import smollm2_135m_demo_stage1_cpu, smollm2_135m_demo_stage2_cpu
+from deltamoe.recipes.demo import (smollm2_135m_demo_dense_cpt_cpu, smollm2_135m_demo_stage1_cpu,
+                                   smollm2_135m_demo_stage2_cpu)
 from deltamoe.recipes.demo_assets import MODEL_NAME, default_cache
 from deltamoe.recipes.pipeline import PipelineRecipe, PreparedData
 
@@ -25,11 +26,14 @@ def demo(*, scale: float = 1.0, quick: bool = False, cache: Path | None = None, 
     data_root = cache / "demo-data"
     stage1 = smollm2_135m_demo_stage1_cpu(scale, cache, workdir)
     stage2 = smollm2_135m_demo_stage2_cpu(scale, cache, workdir)
+    dense_cpt = smollm2_135m_demo_dense_cpt_cpu(scale, cache, workdir)
     if quick:
         stage1 = dataclasses.replace(stage1, train=dataclasses.replace(
             stage1.train, train_iters=QUICK_ITERS, save_interval=1, eval_interval=QUICK_ITERS, eval_iters=1, seq_length=64))
         stage2 = dataclasses.replace(stage2, train=dataclasses.replace(
             stage2.train, train_iters=QUICK_ITERS, save_interval=1, eval_interval=QUICK_ITERS, eval_iters=1, seq_length=64))
+        dense_cpt = dataclasses.replace(dense_cpt, train=dataclasses.replace(
+            dense_cpt.train, train_iters=QUICK_ITERS, save_interval=1, eval_interval=QUICK_ITERS, eval_iters=1, seq_length=64))
     prepare = [PreparedData(jsonl=f"{stem}.train.jsonl", lang=lang, prefix=f"indexed/{stem}.train")
                for stem, lang in (("es-rv1909", "es"), ("ru-fortunes", "ru"), ("en-kjv", "en"))]
     return PipelineRecipe(
@@ -41,6 +45,7 @@ def demo(*, scale: float = 1.0, quick: bool = False, cache: Path | None = None, 
         prepare=prepare,
         stage1=stage1,
         stage2=stage2,
+        dense_baseline=dense_cpt,
         fetch_assets=True,
         # fetch-demo-assets copies recipes/demo_suite.yaml next to the data files it names.
         suite=str(data_root / "demo_suite.yaml"),

@@ -110,7 +110,7 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate:
         dense  = L/pp × (attention + shared expert) / tp + L/pp × (norms + router) + embeddings / tp + final norm
         expert = L/pp × E × 3·h·f_e / (ep × etp)
     Trainable: stage 1 = routers + the routed experts that are not frozen (all but expert 0 for the copy variant);
-    stage 2 = routers only. Frozen parameters get no gradient buffer and no optimizer state.
+    stage 2 = routers only; stage 0 (dense continued pre-training, the baseline) = every parameter of the dense model. Frozen parameters get no gradient buffer and no optimizer state.
     Bytes: weights 2 (bf16, also for fp8 whose GEMMs cast on the fly) or 4 (fp32); gradients 4 (megatron accumulates
     bf16 gradients in fp32); Adam 12 (fp32 master copy + two moments; 8 in fp32 where no master copy is kept),
     divided by the data-parallel size (expert data-parallel size for expert parameters) with the distributed optimizer.
@@ -127,12 +127,14 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate:
     tp, pp, ep, etp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size,
                            p.etp, p.context_parallel_size)
     f, f_e, E, k = m.ffn_hidden_size, moe_ffn_hidden_size(recipe), u.num_experts, u.topk
+    if t.stage == 0:  # the dense model: its FFN counts like an always-on shared expert, no routed experts
+        E, k = 0, 0
     V = padded_vocab_size(recipe)
     layers = L / pp
 
     attention = h * m.num_attention_heads * kv_ch * 2 + 2 * h * m.num_query_groups * kv_ch
     attention += (m.num_attention_heads + 2 * m.num_query_groups) * kv_ch if m.qkv_bias else 0
-    shared = 3 * h * f if u.variant == "shared" else 0
+    shared = 3 * h * f if (u.variant == "shared" or t.stage == 0) else 0
     norms = 2 * h + (2 * kv_ch if m.qk_layernorm else 0)
     router = h * E
     embeddings = V * h * (2 if (pp == 1 and not m.tie_word_embeddings) else 1)
@@ -141,7 +143,10 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate:
     experts = layers * E * 3 * h * f_e / (ep * etp)
 
     routers = layers * router
-    if t.stage == 1:
+    if t.stage == 0:
+        routers = dense  # every dense parameter trains (counted with the non-expert optimizer terms below)
+        trainable_experts = 0.0
+    elif t.stage == 1:
         trainable_experts = experts * ((E - 1) / E if u.variant == "copy" else 1.0)
     else:
         trainable_experts = 0.0

@@ -63,6 +63,8 @@ def model_args(recipe: Recipe) -> list[str]:
 
 
 def moe_args(recipe: Recipe) -> list[str]:
+    if recipe.train.stage == 0:  # dense continued pre-training: no experts
+        return []
     u = recipe.upcycle
     args = ["--num-experts", u.num_experts, "--moe-router-topk", u.topk, "--moe-ffn-hidden-size", moe_ffn_hidden_size(recipe),
             "--moe-router-load-balancing-type", "aux_loss" if recipe.train.moe_aux_loss_coeff > 0 else "none",
