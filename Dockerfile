@@ -28,7 +28,8 @@ RUN pip install --no-deps "megatron-core==0.19.2" && \
         "pyyaml>=6" \
         "gguf>=0.10" \
         "accelerate>=1.0" \
-        "pytest>=8"
+        "pytest>=8" \
+        "lm-eval>=0.4.13"
 
 WORKDIR /workspace/deltamoe
 COPY pyproject.toml README.md ./
