@@ -122,7 +122,7 @@ def main() -> None:
             env = {**os.environ, "HF_HUB_OFFLINE": "1"}
             s, rss = timed([a.mergekit_yaml, str(cfg), str(tmp / "MK"), "--no-copy-tokenizer", "--lazy-unpickle"], env)
             rows.append(("mergekit task_arithmetic (B, I -> dense)", s, sizes["B"] + sizes["I"], rss))
-        print(f"\n| command | seconds | GB read | GB/s read | peak RSS GiB |\n|---|---|---|---|---|")
+        print("\n| command | seconds | GB read | GB/s read | peak RSS GiB |\n|---|---|---|---|---|")
         for name, s, nbytes, rss in rows:
             print(f"| {name} | {s:.1f} | {nbytes / 1e9:.2f} | {nbytes / 1e9 / s:.2f} | {rss:.2f} |")
         if a.mergekit_yaml:

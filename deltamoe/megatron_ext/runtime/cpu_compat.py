@@ -14,6 +14,9 @@ handled once here instead of patching call sites one by one:
 5. The trainer's `initialize_megatron` asserts CUDA unless `allow_no_cuda=True`; its dataset helpers run `make` on a
    Makefile the wheel does not ship (the compiled helpers are in the wheel).
 6. `torch.distributed.all_to_all_single` wants list split sizes on gloo; megatron passes tensors on CPU.
+7. Backward passes: a mode steps aside while its handler runs, so `loss.backward()` (handled by the mode) would run
+   megatron's custom autograd functions without it (sequence parallel's backward allocates on
+   `torch.cuda.current_device()`). The autograd engine entry point runs under the mode instead.
 """
 
 from __future__ import annotations
@@ -182,6 +185,21 @@ def _patch_megatron() -> None:
     training.initialize_megatron = initialize_megatron
 
 
+def _patch_autograd_engine() -> None:
+    from torch import autograd
+    from torch.autograd import graph
+
+    original = graph._engine_run_backward
+
+    @functools.wraps(original)
+    def engine_run_backward(*args, **kwargs):
+        with _CudaToCpuMode():
+            return original(*args, **kwargs)
+
+    graph._engine_run_backward = engine_run_backward
+    autograd._engine_run_backward = engine_run_backward
+
+
 def install() -> bool:
     """Make megatron run on CPU when CUDA is absent. Idempotent; returns True when the compat layer is active."""
     global _INSTALLED
@@ -191,6 +209,7 @@ def install() -> bool:
         return True
     _patch_torch_cuda()
     _patch_megatron()
+    _patch_autograd_engine()
     # megatron wraps a few router helpers in torch.compile; compiling them on CPU costs seconds per shape and buys
     # nothing for tests and the demo.
     torch._dynamo.config.disable = True

@@ -135,12 +135,7 @@ def build_gpt_model(
     """A `GPTModel` for the current parallel state (call `init_distributed` first)."""
     from megatron.core.models.gpt import GPTModel
 
-    layer = specs.layer_spec(
-        num_experts=transformer_cfg.num_moe_experts,
-        moe_grouped_gemm=transformer_cfg.moe_grouped_gemm,
-        qk_layernorm=config.qk_layernorm,
-        spec=spec,
-    )
+    layer = specs.decoder_spec(transformer_cfg, qk_layernorm=config.qk_layernorm, spec=spec, vp_stage=vp_stage)
     model = GPTModel(
         config=transformer_cfg,
         transformer_layer_spec=layer,
@@ -155,6 +150,11 @@ def build_gpt_model(
         rope_scaling_factor=config.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )
+    if specs.resolve_spec_name(spec) == "fast":
+        from deltamoe.megatron_ext.layers.chunked_loss import use_chunked_loss
+
+        # float32 logits of a 150k vocabulary would dominate activation memory; same loss, same state dict.
+        use_chunked_loss(model)
     if torch.cuda.is_available():
         model = model.cuda()
     return model

@@ -18,7 +18,7 @@ try:  # optional at import time, as megatron-core itself does
     import transformer_engine  # noqa: F401
 
     HAVE_TE = True
-except Exception:  # ImportError, or a TE build that fails to load its CUDA libraries
+except Exception:  # noqa: BLE001 - ImportError, or a TE build that fails to load its CUDA libraries
     HAVE_TE = False
 
 SPEC_CHOICES = ("auto", "te", "fast", "local")
@@ -74,7 +74,10 @@ def decoder_spec(transformer_config, *, qk_layernorm: bool, spec: str = "auto", 
                        moe_grouped_gemm=transformer_config.moe_grouped_gemm, qk_layernorm=qk_layernorm, spec=spec)
     if resolve_spec_name(spec) != "fast":
         return layer
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
 
     from deltamoe.megatron_ext.layers.norm import FastNorm
 

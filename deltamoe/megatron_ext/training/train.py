@@ -261,7 +261,7 @@ def _setup(args) -> None:
 
     languages = split_languages(args.languages)
     if not languages:
-        for _, prefix in parse_blend(args.data_path):
+        for _, prefix, _ in parse_blend(args.data_path):
             lang = read_language_tag(prefix).language
             if lang not in languages:
                 languages.append(lang)
