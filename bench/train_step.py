@@ -217,6 +217,26 @@ def format_table(results: list[dict], device_name: str) -> str:
     return "\n".join(lines)
 
 
+def _run_row_subprocess(row: str, micro_batch: int, args) -> dict:
+    """One row in a fresh process: what it allocated, and megatron's global state, die with it."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, __file__, "--in-process", "--rows", row, "--micro-batches", str(micro_batch),
+               "--json", str(out)]
+        for flag in ("warmup", "iters"):
+            if getattr(args, flag) is not None:
+                cmd += [f"--{flag}", str(getattr(args, flag))]
+        if args.tiny:
+            cmd.append("--tiny")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            return {"row": row, "micro_batch": micro_batch, "status": f"error: exit {proc.returncode}: {proc.stderr[-80:]}"}
+        return json.loads(out.read_text())["results"][0]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="2-layer, hidden-64 model (CPU smoke run)")
@@ -226,6 +246,9 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="timed steps; default 4 (GPU) / 8 (--tiny)")
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip rows that would start after this many seconds")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every row in this process (default on GPU: one subprocess per row, so a row's "
+                             "memory, megatron's global state and an OOM cannot leak into the next row)")
     args = parser.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))
@@ -239,7 +262,7 @@ def main(argv=None) -> int:
     shape = TINY if args.tiny else FULL
     warmup = args.warmup if args.warmup is not None else 2
     iters = args.iters if args.iters is not None else (8 if args.tiny else 4)
-    if any(r != "transformers" for r in rows):
+    if any(r != "transformers" for r in rows) and not (cuda and not args.in_process and len(rows) * len(args.micro_batches) > 1):
         from deltamoe.megatron_ext.runtime.distributed import (
             ParallelLayout,
             init_distributed,
@@ -248,13 +271,17 @@ def main(argv=None) -> int:
         init_distributed(ParallelLayout())
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, float32)"
 
+    isolate = cuda and not args.in_process and len(rows) * len(args.micro_batches) > 1
     started, results = time.perf_counter(), []
     for micro_batch in args.micro_batches:
         for row in rows:
             if time.perf_counter() - started > args.budget_s:
                 results.append({"row": row, "micro_batch": micro_batch, "status": "skipped (time budget)"})
                 continue
-            result = run_row(row, shape, micro_batch, warmup=warmup, iters=iters, dtype=dtype, device=device)
+            if isolate:
+                result = _run_row_subprocess(row, micro_batch, args)
+            else:
+                result = run_row(row, shape, micro_batch, warmup=warmup, iters=iters, dtype=dtype, device=device)
             print(f"[{time.perf_counter() - started:6.1f}s] {row} mb={micro_batch}: {result.get('status')} "
                   f"{result.get('tokens_per_s', 0):,.0f} tokens/s", flush=True)
             results.append(result)

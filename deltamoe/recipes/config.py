@@ -10,6 +10,7 @@ laptop instead of minutes into a cluster job. Errors name the field and the numb
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -201,7 +202,14 @@ class TrainRecipe:
     original_languages: list[str]
     """Languages the dense model already knows; in stage 2 their tokens are routed back to expert 0 by the LPR loss."""
     expert_allocation: Literal["learned", "by-language"] = "learned"
+    """learned: routers choose experts freely. by-language: a token's router logits outside its language's experts
+    (expert_allocation_map) are -inf before top-k, so each language trains only its own experts (docs/allocation.md)."""
     allocation_loss_coeff: float = 0.0
+    """Weight of the soft allocation loss -log(router mass on the token's allocated experts); a routers-only stage 2
+    with it teaches routers the allocation, so untagged inference routes by language (needs expert_allocation_map)."""
+    expert_allocation_map: dict | None = None
+    """{"experts": {"es": [1, 2], ...}, "shared_experts": [0]} (or just the "experts" object): language -> experts.
+    Languages are train.declared_languages; checked against upcycle.num_experts / topk when the Recipe is built."""
     weight_decay: float = 0.1
     clip_grad: float = 1.0
     recompute: Literal["none", "selective", "full"] = "none"
@@ -236,8 +244,52 @@ class TrainRecipe:
                                 f"({self.original_languages}): stage 2's LPR loss needs it")
         if self.expert_allocation not in ("learned", "by-language"):
             raise DeltaMoEError(f"train.expert_allocation must be learned or by-language, got {self.expert_allocation!r}")
+        self._check_allocation_fields()
+        if self.lr_warmup_iters >= self.iterations:
+            raise DeltaMoEError(f"train.lr_warmup_iters ({self.lr_warmup_iters}) must be below the training iterations "
+                                f"({self.iterations}): megatron's scheduler decays after the warm-up")
         if self.min_lr > self.lr:
             raise DeltaMoEError(f"train.min_lr ({self.min_lr}) exceeds train.lr ({self.lr})")
+
+    def _check_allocation_fields(self) -> None:
+        if self.allocation_loss_coeff < 0:
+            raise DeltaMoEError(f"train.allocation_loss_coeff must be >= 0, got {self.allocation_loss_coeff}")
+        uses_map = self.expert_allocation == "by-language" or self.allocation_loss_coeff > 0
+        if self.stage == 0 and (uses_map or self.expert_allocation_map is not None):
+            raise DeltaMoEError("train.expert_allocation / allocation_loss_coeff / expert_allocation_map need experts; "
+                                "stage 0 trains the dense model")
+        if uses_map and self.expert_allocation_map is None:
+            raise DeltaMoEError(f"train.expert_allocation {self.expert_allocation!r} with allocation_loss_coeff "
+                                f"{self.allocation_loss_coeff} needs train.expert_allocation_map (language -> experts)")
+        if self.expert_allocation_map is None:
+            return
+        raw = self.expert_allocation_map
+        if not isinstance(raw, dict) or not raw:
+            raise DeltaMoEError(f"train.expert_allocation_map must be a non-empty dict, got {raw!r}")
+        raw = dict(raw) if "experts" in raw else {"experts": dict(raw)}
+        unknown = set(raw) - {"experts", "shared_experts"}
+        if unknown:
+            raise DeltaMoEError(f"train.expert_allocation_map: unknown keys {sorted(unknown)} (expected experts, shared_experts)")
+        self.expert_allocation_map = raw
+        if not uses_map:
+            warnings.warn("train.expert_allocation_map has no effect with expert_allocation 'learned' and "
+                          "allocation_loss_coeff 0", stacklevel=3)
+
+    @property
+    def declared_languages(self) -> list[str]:
+        """lang_id order of every stage: the original languages first, then the blend's (the trainer's --languages)."""
+        return list(dict.fromkeys([*self.original_languages, *(d.lang for d in self.data_blend)]))
+
+    def expert_allocation_for(self, upcycle: UpcycleRecipe, parallel: ParallelRecipe):
+        """The validated ExpertAllocation of expert_allocation_map for this MoE shape (None without a map)."""
+        from deltamoe.megatron_ext.moe.allocation import ExpertAllocation
+
+        if self.expert_allocation_map is None:
+            return None
+        raw = self.expert_allocation_map
+        return ExpertAllocation(languages=self.declared_languages, experts=raw["experts"],
+                                shared_experts=raw.get("shared_experts", []), num_experts=upcycle.num_experts,
+                                topk=upcycle.topk, expert_model_parallel_size=parallel.expert_model_parallel_size)
 
     @property
     def iterations(self) -> int:
@@ -271,6 +323,7 @@ class Recipe:
             raise DeltaMoEError(f"recipe.device must be cuda or cpu, got {self.device!r}")
         if self.device == "cpu" and self.precision.preset != "fp32":
             raise DeltaMoEError(f"recipe {self.name}: device cpu needs precision.preset fp32, got {self.precision.preset}")
+        self.train.expert_allocation_for(self.upcycle, self.parallel)  # raises on a map that does not fit the MoE
         check_layout(self)
 
 

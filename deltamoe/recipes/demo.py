@@ -77,4 +77,35 @@ def smollm2_135m_demo_dense_cpt_cpu(scale: float = 1.0, cache: str | Path | None
                                train=dataclasses.replace(stage1.train, stage=0, lr=1e-4, min_lr=1e-5, moe_aux_loss_coeff=0.0))
 
 
-RECIPES = {f.__name__: f for f in (smollm2_135m_demo_stage1_cpu, smollm2_135m_demo_stage2_cpu, smollm2_135m_demo_dense_cpt_cpu)}
+DEMO_EXPERT_ALLOCATION = {"experts": {"en": [5], "es": [1, 2], "ru": [3, 4]}, "shared_experts": [0]}
+"""Experts by language for the 6-expert, top-2 demo (docs/allocation.md): the frozen original FFN (expert 0) is shared
+by every language, Spanish and Russian own two new experts each (so top-2 still chooses among 3), and English gets
+expert 5 as its second choice: stage 1 has no English, so expert 5 stays a copy of the original FFN."""
+
+
+def smollm2_135m_demo_stage1_by_language_cpu(scale: float = 1.0, cache: str | Path | None = None,
+                                             workdir: str | Path = "runs/demo") -> Recipe:
+    """Stage 1 with experts allocated to languages: a token's router may only pick its language's experts (+ expert 0)."""
+    import dataclasses
+
+    stage1 = smollm2_135m_demo_stage1_cpu(scale, cache, workdir)
+    return dataclasses.replace(stage1, name="smollm2_135m_demo_stage1_by_language_cpu", train=dataclasses.replace(
+        stage1.train, expert_allocation="by-language", expert_allocation_map=DEMO_EXPERT_ALLOCATION))
+
+
+def smollm2_135m_demo_stage2_allocation_cpu(scale: float = 1.0, cache: str | Path | None = None,
+                                            workdir: str | Path = "runs/demo") -> Recipe:
+    """Review after the by-language stage 1: routers only, NO mask, the allocation loss teaches routers the allocation
+    so the exported model (which sees no language tags) routes each language to its experts. The allocation loss
+    covers English too ({0, 5}), so MoE-LPR's expert-0 loss is off (γ = 0)."""
+    import dataclasses
+
+    stage2 = smollm2_135m_demo_stage2_cpu(scale, cache, workdir)
+    return dataclasses.replace(
+        stage2, name="smollm2_135m_demo_stage2_allocation_cpu", init_checkpoint="smollm2_135m_demo_stage1_by_language_cpu",
+        train=dataclasses.replace(stage2.train, lpr_loss_coeff=0.0, expert_allocation="learned",
+                                  allocation_loss_coeff=0.1, expert_allocation_map=DEMO_EXPERT_ALLOCATION))
+
+
+RECIPES = {f.__name__: f for f in (smollm2_135m_demo_stage1_cpu, smollm2_135m_demo_stage2_cpu, smollm2_135m_demo_dense_cpt_cpu,
+                                   smollm2_135m_demo_stage1_by_language_cpu, smollm2_135m_demo_stage2_allocation_cpu)}

@@ -7,6 +7,7 @@ with its parser). DeltaMoE's flags, added by the trainer entry `deltamoe.megatro
     --original-languages en,zh         language tags whose tokens the LPR loss routes to expert 0
     --expert-allocation learned|by-language
     --allocation-loss-coeff C
+    --expert-allocation-map JSON       language -> experts, e.g. {"experts":{"es":[1,2]},"shared_experts":[0]}
     --routing-log-interval N           log per-language routing statistics every N iterations
     --routing-log-file PATH            ... as JSON lines into PATH
 Language tags travel with the datasets (`deltamoe prepare-data --lang`), so `--data-path` stays Megatron's.
@@ -14,6 +15,7 @@ Language tags travel with the datasets (`deltamoe prepare-data --lang`), so `--d
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING
 
@@ -127,11 +129,17 @@ def data_and_checkpoint_args(recipe: Recipe) -> list[str]:
 
 def deltamoe_args(recipe: Recipe) -> list[str]:
     t = recipe.train
+    # Declared languages fix the lang_id order for every stage: the original languages first, then the blend's.
+    languages = list(dict.fromkeys([*t.original_languages, *(d.lang for d in t.data_blend)]))
     args = ["--deltamoe-stage", t.stage, "--original-languages", ",".join(t.original_languages),
+            "--languages", ",".join(languages),
             "--expert-allocation", t.expert_allocation, "--allocation-loss-coeff", t.allocation_loss_coeff,
             "--routing-log-interval", t.routing_log_interval, "--routing-log-file", routing_log_file(recipe)]
     if t.lpr_loss_coeff is not None:
         args += ["--lpr-loss-coeff", t.lpr_loss_coeff]
+    if t.expert_allocation_map is not None:
+        # One argv element (no shell quoting needed in a list); the trainer reads inline JSON or a file path.
+        args += ["--expert-allocation-map", json.dumps(t.expert_allocation_map, sort_keys=True, separators=(",", ":"))]
     return args
 
 
@@ -142,5 +150,5 @@ def to_megatron_args(recipe: Recipe) -> list[str]:
     return [str(a) for a in args]
 
 
-DELTAMOE_FLAGS = ("--deltamoe-stage", "--lpr-loss-coeff", "--original-languages", "--expert-allocation",
-                  "--allocation-loss-coeff", "--routing-log-interval", "--routing-log-file")
+DELTAMOE_FLAGS = ("--deltamoe-stage", "--lpr-loss-coeff", "--original-languages", "--languages", "--expert-allocation",
+                  "--expert-allocation-map", "--allocation-loss-coeff", "--routing-log-interval", "--routing-log-file")
