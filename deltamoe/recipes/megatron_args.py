@@ -129,10 +129,8 @@ def data_and_checkpoint_args(recipe: Recipe) -> list[str]:
 
 def deltamoe_args(recipe: Recipe) -> list[str]:
     t = recipe.train
-    # Declared languages fix the lang_id order for every stage: the original languages first, then the blend's.
-    languages = list(dict.fromkeys([*t.original_languages, *(d.lang for d in t.data_blend)]))
     args = ["--deltamoe-stage", t.stage, "--original-languages", ",".join(t.original_languages),
-            "--languages", ",".join(languages),
+            "--languages", ",".join(t.declared_languages),
             "--expert-allocation", t.expert_allocation, "--allocation-loss-coeff", t.allocation_loss_coeff,
             "--routing-log-interval", t.routing_log_interval, "--routing-log-file", routing_log_file(recipe)]
     if t.lpr_loss_coeff is not None:

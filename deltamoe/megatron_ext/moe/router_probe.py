@@ -11,8 +11,8 @@ the probe
   the router of that layer at backward time, scaled by the schedule's loss scale (1/num_microbatches, or the
   per-token scale), so it works with any pipeline layout and needs no graph kept across layers. Each layer adds
   coeff * loss_layer, so the total is coeff * sum over MoE layers of the per-token mean (routing_losses.lpr_loss);
-- accumulates, without gradient, the mean router probability of expert 0 per layer and language (the metric that
-  shows stage 2 working: original-language tokens move back to the frozen original FFN).
+- accumulates, without gradient and in training forwards only, the mean router probability of expert 0 per layer
+  and language (the metric that shows stage 2 working: original-language tokens move back to the frozen original FFN).
 
 The forward step sets the batch context (`probe.set_batch(lang_ids, original_mask)`, both [b, s]) before calling the
 model. With sequence parallelism a router sees only its tensor-parallel rank's chunk of the sequence, so the
@@ -99,6 +99,11 @@ class RouterProbe:
         if s.mask_by_language:
             logits = mask_router_logits(logits, lang, s.allocation_mask.to(logits.device))
         probs, routing_map = original_routing(logits, *args, **kwargs)
+        if not router.training:
+            # Only training forwards count: megatron's validation passes (--eval-interval) run between training
+            # iterations, and their tokens would otherwise enter the next training report, whose LM loss and token
+            # counts (LanguageMetrics.add_lm) are training-only. The mask above still applies (tags given).
+            return probs, routing_map
         layer = router.layer_number - 1
         sums = self._sums(logits.device)
         with torch.no_grad():
@@ -108,7 +113,7 @@ class RouterProbe:
             index = flat_lang.clamp(min=0)
             sums[0, layer].index_add_(0, index, p0 * valid)
             sums[1, layer].index_add_(0, index, valid)
-        if router.training and torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             aux = None
             if s.lpr_loss_coeff > 0:
                 lpr = lpr_loss(logits, mask, 0, from_logits=True)

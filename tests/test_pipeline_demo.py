@@ -1,0 +1,85 @@
+"""The main job end to end: `deltamoe pipeline demo --quick` on the embedded default (SmolLM2-135M-Instruct, public
+texts from Debian packages), every stage real (a few steps each), killed during stage 1 and rerun.
+
+This is CI's end-to-end check (marked slow; it runs in `make test`). The first run also fetches the offline assets
+into the cache when they are not there yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.megatron_helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+STAGE1 = "smollm2_135m_demo_stage1_cpu"
+
+
+def _pipeline(workdir: Path, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    return subprocess.Popen([sys.executable, "-m", "deltamoe", "pipeline", "demo", "--quick", "--workdir", str(workdir)],
+                            cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _tracker(folder: Path) -> str | None:
+    path = folder / "latest_checkpointed_iteration.txt"
+    return path.read_text().strip() if path.exists() else None
+
+
+def test_demo_pipeline_end_to_end_killed_in_stage1_and_resumed(tmp_path):
+    workdir = tmp_path / "demo"
+    stage1 = workdir / STAGE1
+
+    # 1. Run until stage 1 has saved its first checkpoint (save interval 1 in --quick), then kill everything.
+    first = _pipeline(workdir, tmp_path / "first.log")
+    deadline = time.time() + 1800
+    while _tracker(stage1) != "1":
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-5000:]
+        assert time.time() < deadline, "stage 1 saved no checkpoint within 30 minutes"
+        time.sleep(2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert _tracker(stage1) == "1"
+    assert not (workdir / "hf-moe").exists()
+
+    # 2. Rerun the same command: finished stages are skipped, stage 1 resumes from iteration 1, the rest runs.
+    second = _pipeline(workdir, tmp_path / "second.log")
+    assert second.wait(timeout=3600) == 0, (tmp_path / "second.log").read_text()[-8000:]
+    log = (tmp_path / "second.log").read_text()
+    assert "=== import: complete, skipped" in log and "=== upcycle: complete, skipped" in log
+    stage1_log = log[log.index("=== stage1:"): log.index("=== stage2:")]
+    assert f"successfully loaded checkpoint from {stage1}" in stage1_log and "at iteration 1" in stage1_log
+    assert "iteration        1/       2" not in stage1_log and "iteration        2/       2" in stage1_log
+    assert _tracker(stage1) == "2"
+
+    # 3. Every stage's output is valid: manifest complete, models load, metrics present, report written.
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert manifest["stages"] and all(s.get("status") == "complete" for s in manifest["stages"].values())
+    for name in ("stage1", "stage2"):
+        assert manifest["stages"][name]["metrics"]["log_rows"] >= 1
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    moe_config = AutoConfig.from_pretrained(workdir / "deltamoe")
+    assert moe_config.architectures == ["MixtralForCausalLM"] and moe_config.num_local_experts == 6
+    model = AutoModelForCausalLM.from_pretrained(workdir / "deltamoe", dtype=torch.float32)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+    assert json.loads((workdir / "deltamoe" / "graft_manifest.json").read_text()) if (workdir / "deltamoe" / "graft_manifest.json").exists() else True
+    for label in ("base", "post", "deltamoe", "dense-cpt+paramdelta"):
+        results = json.loads((workdir / "eval" / label / "results.json").read_text())
+        assert results["results"] and all(r["metrics"] for r in results["results"]), label
+        assert manifest["stages"][f"eval:{label}"]["metrics"]
+    report = workdir / "report"
+    assert "deltamoe" in (report / "report.md").read_text()
+    plots = list(report.glob("*.png"))
+    assert plots and all(p.stat().st_size > 5000 for p in plots)
