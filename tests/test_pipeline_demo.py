@@ -32,6 +32,18 @@ def _pipeline(workdir: Path, log: Path) -> subprocess.Popen:
                             cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the pipeline and everything under it (torchrun puts its workers in sessions of their own)."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    family = [parent, *parent.children(recursive=True)]
+    for p in family:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=60)
+    proc.wait()
+
+
 def _tracker(folder: Path) -> str | None:
     path = folder / "latest_checkpointed_iteration.txt"
     return path.read_text().strip() if path.exists() else None
@@ -47,9 +59,8 @@ def test_demo_pipeline_end_to_end_killed_in_stage1_and_resumed(tmp_path):
     while _tracker(stage1) != "1":
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-5000:]
         assert time.time() < deadline, "stage 1 saved no checkpoint within 30 minutes"
-        time.sleep(2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+        time.sleep(0.5)
+    _kill_tree(first)
     assert _tracker(stage1) == "1"
     assert not (workdir / "hf-moe").exists()
 
