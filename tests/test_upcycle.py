@@ -129,7 +129,11 @@ def test_function_preservation_through_the_cli(dense_checkpoint, tmp_path, varia
     torch.testing.assert_close(moe_logits, dense_logits)
     assert meta.moe["num_experts"] == 4 and meta.moe["topk"] == 2
     plan = UpcyclePlan.load(out)
-    assert plan.variant == variant and plan.base_sha256 and "deltamoe.json" in plan.base_sha256
+    # The plan names the HF base's files (what `deltamoe graft --base` is checked against).
+    from deltamoe.megatron_ext.runtime.checkpoint import read_metadata
+
+    assert plan.variant == variant and plan.base_sha256 == read_metadata(dense_checkpoint).source["sha256"]
+    assert "model.safetensors" in plan.base_sha256
     if variant == "shared":
         assert meta.moe["shared_expert_intermediate_size"] == 96 and meta.moe["ffn_hidden_size"] == 48
 

@@ -33,18 +33,18 @@ def check_output_dir(out: str | os.PathLike, *, inputs: list[str | os.PathLike] 
     return out_path
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, inputs: list[str | os.PathLike] = (), overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to `out`; on success it replaces `out`, on failure it is removed."""
+def begin_output_dir(out: str | os.PathLike, *, inputs: list[str | os.PathLike] = (), overwrite: bool = False) -> Path:
+    """Validate `out` and create the temporary sibling folder to write into; returns the temporary folder."""
     out_path = check_output_dir(out, inputs=inputs, overwrite=overwrite)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return tmp
+
+
+def commit_output_dir(tmp: Path, out: str | os.PathLike) -> None:
+    """Put a completely written temporary folder in place of `out` (replacing it when overwriting)."""
+    out_path = Path(out).resolve()
     if out_path.exists():
         old = out_path.parent / f".{out_path.name}.old-{uuid.uuid4().hex[:8]}"
         out_path.rename(old)
@@ -52,3 +52,19 @@ def atomic_output_dir(out: str | os.PathLike, *, inputs: list[str | os.PathLike]
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out_path)
+
+
+def discard_output_dir(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, inputs: list[str | os.PathLike] = (), overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to `out`; on success it replaces `out`, on failure it is removed."""
+    tmp = begin_output_dir(out, inputs=inputs, overwrite=overwrite)
+    try:
+        yield tmp
+    except BaseException:
+        discard_output_dir(tmp)
+        raise
+    commit_output_dir(tmp, out)

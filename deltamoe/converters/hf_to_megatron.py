@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import sha256_dir
-from deltamoe.common.outputs import atomic_output_dir, check_output_dir
+from deltamoe.common.outputs import begin_output_dir, check_output_dir, commit_output_dir, discard_output_dir
 from deltamoe.converters.architectures import read_architecture_config
 from deltamoe.converters.architectures.base import Transform
 from deltamoe.converters.mapping import check_hf_accounting, expand_rules, global_name
@@ -157,25 +157,23 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
         source={"hf": str(hf_dir.resolve()), "sha256": sha256_dir(hf_dir) if torch.distributed.get_rank() == 0 else {},
                 "imported_with": {"tp": tp, "pp": pp}},
     )
-    # All ranks write into the same temporary folder; rank 0 renames it when every rank is done.
+    # All ranks write into one temporary folder that rank 0 made; rank 0 renames it once every rank is done.
     out = Path(out).resolve()
-    tmp_holder = [None]
-    if torch.distributed.get_rank() == 0:
-        ctx = atomic_output_dir(out, inputs=[hf_dir], overwrite=overwrite)
-        tmp_holder[0] = str(ctx.__enter__())
-    torch.distributed.broadcast_object_list(tmp_holder, src=0)
-    tmp = Path(tmp_holder[0])
+    is_rank0 = torch.distributed.get_rank() == 0
+    holder = [str(begin_output_dir(out, inputs=[hf_dir], overwrite=overwrite)) if is_rank0 else None]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    tmp = Path(holder[0])
     try:
         save_checkpoint(model, tmp, meta)
-        if torch.distributed.get_rank() == 0:
+        if is_rank0:
             copy_tokenizer_files(hf_dir, tmp)
-    except BaseException as e:
-        if torch.distributed.get_rank() == 0:
-            ctx.__exit__(type(e), e, e.__traceback__)
+        torch.distributed.barrier()
+    except BaseException:
+        if is_rank0:
+            discard_output_dir(tmp)
         raise
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
-        ctx.__exit__(None, None, None)
+    if is_rank0:
+        commit_output_dir(tmp, out)
         print(f"imported {hf_dir} -> {out} ({config.architecture}, {world} process(es), {time.time() - started:.1f}s save)")
     torch.distributed.barrier()
     return out

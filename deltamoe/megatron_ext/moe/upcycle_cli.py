@@ -84,7 +84,9 @@ def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, 
     init_distributed(ParallelLayout())
     if torch.distributed.get_world_size() != 1:
         raise DeltaMoEError("upcycle runs in one process (the checkpoint reshards on load); launch it without torchrun")
-    plan.base_sha256 = checkpoint_sha256(dense)
+    # The HF files the dense checkpoint was imported from identify the base model B for `deltamoe graft`, which checks
+    # them against --base; without an import record, the Megatron files themselves are hashed.
+    plan.base_sha256 = dict(meta.source.get("sha256") or {}) or checkpoint_sha256(dense)
     dense_model, meta = load_model(dense)
     dense_sd = dense_model.state_dict()
     check_dense(dense_sd, source=str(dense))
