@@ -120,6 +120,15 @@ def _write_jsonl(path: Path, records: list[dict]) -> int:
     return len(records)
 
 
+def suite_is_current(out: Path) -> bool:
+    """Whether the demo data in `out` was built with this version's files and suite (else fetch-demo-assets rebuilds)."""
+    manifest_path = Path(out) / "manifest.json"
+    if not manifest_path.exists():
+        return False
+    old = json.loads(manifest_path.read_text())
+    return (old.get("format_version"), old.get("suite_sha256")) == (FORMAT_VERSION, sha256_file(SUITE))
+
+
 def build_demo_data(package_dirs: dict[str, Path], out: Path, *, source_sha256: dict[str, str]) -> Path:
     """Write the demo data files into `out` (atomically); kept as is when built from the same sources already."""
     manifest_path = out / "manifest.json"

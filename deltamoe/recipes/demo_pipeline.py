@@ -19,10 +19,10 @@ from deltamoe.recipes.pipeline import PipelineRecipe, PreparedData
 QUICK_ITERS = 2
 """--quick: training steps per stage, for CI's end-to-end check (a real run of every stage, not a useful model)."""
 QUICK_EVAL_LIMIT = 4
-SFT_STEPS = 10
+SFT_STEPS = 6
 """Default-size SFT steps (batch 4, up to 256 tokens): enough to give I - B a measurable effect on FAQ answers."""
-EVAL_LIMIT = 40
-"""Examples per task at the default size (the suite caps a few tasks lower); --scale raises it up to 100."""
+EVAL_LIMIT = 16
+"""Examples per task at the default size (CPU: ~1 minute per model); --scale raises it up to the suite's 100."""
 
 
 def demo(*, scale: float = 1.0, quick: bool = False, cache: Path | None = None, workdir: Path = Path("runs/demo")) -> PipelineRecipe:
@@ -53,7 +53,7 @@ def demo(*, scale: float = 1.0, quick: bool = False, cache: Path | None = None, 
         fetch_assets=True,
         # fetch-demo-assets copies recipes/demo_suite.yaml next to the data files it names.
         suite=str(data_root / "demo_suite.yaml"),
-        eval_args=["--limit", str(QUICK_EVAL_LIMIT if quick else max(1, round(EVAL_LIMIT * min(scale, 2.5))))],
+        eval_args=["--limit", str(QUICK_EVAL_LIMIT if quick else max(1, round(EVAL_LIMIT * min(scale, 6))))],
     )
 
 

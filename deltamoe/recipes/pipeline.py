@@ -111,8 +111,10 @@ def build_stages(p: PipelineRecipe, workdir: Path) -> list[Stage]:
     post = Path(p.post_model) if p.post_model else workdir / "post-sft"
     stages: list[Stage] = []
     if p.fetch_assets:
+        from deltamoe.recipes.demo_data import suite_is_current
+
         stages.append(Stage("assets", data_root, [*deltamoe, "fetch-demo-assets", "--cache", str(data_root.parent)],
-                            lambda: (Path(p.base_model) / "config.json").exists() and (data_root / "manifest.json").exists()))
+                            lambda: (Path(p.base_model) / "config.json").exists() and suite_is_current(data_root)))
     if p.post_model is None:
         stages.append(Stage("post-train", post,
                             [sys.executable, "-m", "deltamoe.recipes.sft", "--base", p.base_model, "--data",
