@@ -69,22 +69,22 @@ def test_bfloat16_checkpoint_keeps_dtype(tmp_path):
     assert all(after[k].dtype == torch.bfloat16 and torch.equal(before[k], after[k]) for k in before)
 
 
-TP2_SCRIPT = """
+PARALLEL_IMPORT_SCRIPT = """
 import sys
 from deltamoe.converters.hf_to_megatron import import_hf
 if __name__ == "__main__":
-    import_hf(sys.argv[1], sys.argv[2], tp=2)
+    import_hf(sys.argv[1], sys.argv[2], tp=int(sys.argv[3]), pp=int(sys.argv[4]))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama_tied", "qwen2"])
-def test_import_at_tp2_loads_at_tp1(arch, tmp_path):
-    hf = make_tiny_hf(arch, tmp_path / "hf")
-    script = tmp_path / "import_tp2.py"
-    script.write_text(TP2_SCRIPT)
-    run_torchrun(2, str(script), str(hf), str(tmp_path / "megatron"))
-    assert json.loads((tmp_path / "megatron" / "deltamoe.json").read_text())["source"]["imported_with"]["tp"] == 2
+@pytest.mark.parametrize("arch, tp, pp", [("llama_tied", 2, 1), ("qwen2", 2, 1), ("llama", 1, 2)])
+def test_import_at_tp2_or_pp2_loads_at_tp1(arch, tp, pp, tmp_path):
+    hf = make_tiny_hf(arch, tmp_path / "hf", num_hidden_layers=4 if pp > 1 else 3)
+    script = tmp_path / "import_parallel.py"
+    script.write_text(PARALLEL_IMPORT_SCRIPT)
+    run_torchrun(tp * pp, str(script), str(hf), str(tmp_path / "megatron"), str(tp), str(pp))
+    assert json.loads((tmp_path / "megatron" / "deltamoe.json").read_text())["source"]["imported_with"] == {"tp": tp, "pp": pp}
     model, meta = load_model(tmp_path / "megatron")
     torch.testing.assert_close(megatron_logits(model, INPUT, 128), hf_logits(hf, INPUT))
 
