@@ -90,6 +90,7 @@ def transformer_config(
         fp16=params_dtype == torch.float16,
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        pipeline_dtype=params_dtype,  # what activations travel between pipeline stages in
         expert_model_parallel_size=expert_model_parallel_size,
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=not gpu,
