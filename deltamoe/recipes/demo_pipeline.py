@@ -33,13 +33,16 @@ def demo(*, scale: float = 1.0, quick: bool = False, cache: Path | None = None, 
     dense_cpt = smollm2_135m_demo_dense_cpt_cpu(scale, cache, workdir)
     if quick:
         stage1 = dataclasses.replace(stage1, train=dataclasses.replace(
-            stage1.train, train_iters=QUICK_ITERS, lr_warmup_iters=0, save_interval=1, eval_interval=QUICK_ITERS, eval_iters=1, seq_length=64))
+            stage1.train, train_iters=QUICK_ITERS, lr_warmup_iters=0, save_interval=1, eval_interval=QUICK_ITERS, eval_iters=1, seq_length=64,
+            routing_log_interval=1))
         # Only stage 1 saves every iteration (the resume test kills it after its first checkpoint): a checkpoint with
         # optimizer state is ~7 GB on disk for this MoE.
         stage2 = dataclasses.replace(stage2, train=dataclasses.replace(
-            stage2.train, train_iters=QUICK_ITERS, lr_warmup_iters=0, save_interval=QUICK_ITERS, eval_interval=QUICK_ITERS, eval_iters=1, seq_length=64))
+            stage2.train, train_iters=QUICK_ITERS, lr_warmup_iters=0, save_interval=QUICK_ITERS, eval_interval=QUICK_ITERS, eval_iters=1, seq_length=64,
+            routing_log_interval=1))
         dense_cpt = dataclasses.replace(dense_cpt, train=dataclasses.replace(
-            dense_cpt.train, train_iters=QUICK_ITERS, lr_warmup_iters=0, save_interval=QUICK_ITERS, eval_interval=QUICK_ITERS, eval_iters=1, seq_length=64))
+            dense_cpt.train, train_iters=QUICK_ITERS, lr_warmup_iters=0, save_interval=QUICK_ITERS, eval_interval=QUICK_ITERS, eval_iters=1, seq_length=64,
+            routing_log_interval=1))
     prepare = [PreparedData(jsonl=f"{stem}.train.jsonl", lang=lang, prefix=f"indexed/{stem}.train")
                for stem, lang in (("es-rv1909", "es"), ("ru-fortunes", "ru"), ("en-kjv", "en"))]
     return PipelineRecipe(
