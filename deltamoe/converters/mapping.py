@@ -56,13 +56,3 @@ def global_name(local_name: str, layer_offset: int) -> str:
         return local_name
     return f"decoder.layers.{int(m.group(1)) + layer_offset}.{local_name[m.end():]}"
 
-
-_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
-
-
-def global_expert_name(name: str, expert_offset: int) -> str:
-    """Local expert index on this expert-parallel rank -> global expert index."""
-    m = _EXPERT.search(name)
-    if not m:
-        return name
-    return f"{name[: m.start()]}.mlp.experts.local_experts.{int(m.group(1)) + expert_offset}.{name[m.end():]}"
