@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a GPU machine whose image has torch + transformers but not megatron-core:
 #   bash bench/gpu_check.sh OUT_DIR        (wheels in .whl/: megatron-core 0.19.2 cp312, nltk)
-# Runs every gpu-marked test, then the train-step benchmark; logs and the benchmark JSON go to OUT_DIR.
+# Runs every gpu-marked test, then the train-step benchmark; logs, the benchmark JSON and per-row profiles
+# (top kernels by GPU time, OUT_DIR/profiles/) go to OUT_DIR.
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -14,5 +15,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, transformers, megatron.core; print('torch', torch.__version__, 'transformers', transformers.__version__, 'megatron-core', megatron.core.__version__)" | tee -a "$out/gpu.txt"
 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 | tee "$out/pytest_gpu.log"
 echo "pytest exit: ${PIPESTATUS[0]}" | tee -a "$out/pytest_gpu.log"
-timeout ${BENCH_TIMEOUT:-270} python3 bench/train_step.py --budget-s ${BENCH_BUDGET:-200} --json "$out/train_step.json" 2>&1 | tee "$out/train_step.log"
+timeout ${BENCH_TIMEOUT:-270} python3 bench/train_step.py --budget-s ${BENCH_BUDGET:-200} --json "$out/train_step.json" --profile "$out/profiles" 2>&1 | tee "$out/train_step.log"
 echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$out/train_step.log"

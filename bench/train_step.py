@@ -21,6 +21,8 @@ Peak bf16 dense tensor throughput: 989 TFLOP/s for H100 SXM and H200 (NVIDIA H10
     python bench/train_step.py                       # GPU: all rows, micro-batch 2 and 8 (~4-6 min on an H200)
     python bench/train_step.py --tiny                # CPU smoke run of the same code (< 1 min)
     python bench/train_step.py --rows fast,transformers --micro-batches 8 --json out.json
+    python bench/train_step.py --rows "fast stage 1,transformers" --micro-batches 8 --profile prof/
+                                                     # + torch.profiler's top kernels per row (where the time goes)
 """
 
 from __future__ import annotations
@@ -160,7 +162,25 @@ def _memory_gb() -> float | None:
     return None
 
 
-def run_row(row: str, shape: Shape, micro_batch: int, *, warmup: int, iters: int, dtype, device) -> dict:
+def profile_steps(step, ids, labels, file: Path, steps: int = 2) -> None:
+    """Run `steps` more training steps under torch.profiler; write the top operators by self device time (CPU time
+    without a GPU) to `file`: the table that says which kernels a faster step has to shrink."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            float(step(ids, labels))
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=40, max_name_column_width=60,
+                                                               max_shapes_column_width=60)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(f"{steps} steps, sorted by {sort_by}\n{table}\n")
+
+
+def run_row(row: str, shape: Shape, micro_batch: int, *, warmup: int, iters: int, dtype, device,
+            profile_dir: Path | None = None) -> dict:
     result = {"row": row, "micro_batch": micro_batch}
     model = step = None
     try:
@@ -189,6 +209,9 @@ def run_row(row: str, shape: Shape, micro_batch: int, *, warmup: int, iters: int
         peak = peak_tflops()
         result.update(status="ok", tokens_per_s=tokens_per_s, tflops=tflops, loss=loss_value,
                       mfu=tflops / peak if peak else None, peak_gb=_memory_gb())
+        if profile_dir is not None:
+            result["profile"] = str(profile_dir / f"{row.replace(' ', '_')}_mb{micro_batch}.txt")
+            profile_steps(step, ids, labels, Path(result["profile"]))
     except torch.cuda.OutOfMemoryError:
         result.update(status="OOM")
     except Exception as exc:  # noqa: BLE001 - one broken row must not hide the others
@@ -231,6 +254,8 @@ def _run_row_subprocess(row: str, micro_batch: int, args) -> dict:
                 cmd += [f"--{flag}", str(getattr(args, flag))]
         if args.tiny:
             cmd.append("--tiny")
+        if args.profile is not None:
+            cmd += ["--profile", str(args.profile)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
             return {"row": row, "micro_batch": micro_batch, "status": f"error: exit {proc.returncode}: {proc.stderr[-80:]}"}
@@ -246,6 +271,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="timed steps; default 4 (GPU) / 8 (--tiny)")
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip rows that would start after this many seconds")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="after timing, profile 2 more steps per row; top operators to DIR/<row>_mb<N>.txt")
     parser.add_argument("--in-process", action="store_true",
                         help="run every row in this process (default on GPU: one subprocess per row, so a row's "
                              "memory, megatron's global state and an OOM cannot leak into the next row)")
@@ -281,7 +308,8 @@ def main(argv=None) -> int:
             if isolate:
                 result = _run_row_subprocess(row, micro_batch, args)
             else:
-                result = run_row(row, shape, micro_batch, warmup=warmup, iters=iters, dtype=dtype, device=device)
+                result = run_row(row, shape, micro_batch, warmup=warmup, iters=iters, dtype=dtype, device=device,
+                                 profile_dir=args.profile)
             print(f"[{time.perf_counter() - started:6.1f}s] {row} mb={micro_batch}: {result.get('status')} "
                   f"{result.get('tokens_per_s', 0):,.0f} tokens/s", flush=True)
             results.append(result)

@@ -155,3 +155,54 @@ def test_help_shows_copy_paste_examples(capsys):
             cli.main([sub, "--help"])
         assert exit_info.value.code == 0
         assert example in capsys.readouterr().out
+
+
+def test_report_measures_routing_on_allocated_experts(evaluated, tmp_path, capsys):
+    """--expert-allocation-map adds, per MoE model and language, the share of top-k choices on the language's experts
+    (+ shared), mean over layers: equal to a hand sum over the eval's layer x expert table."""
+    allocation = {"experts": {"es": [1, 2], "ru": [3], "en": [1]}, "shared_experts": [0]}  # the tiny Mixtral has 4 experts
+    out = tmp_path / "report"
+    assert cli.main(["report", *map(str, evaluated["outs"].values()), "--out", str(out),
+                     "--expert-allocation-map", json.dumps(allocation)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    shares = {r["language"]: r["details"]["shares"] for r in json.loads((evaluated["outs"]["moe"] / "results.json").read_text())["results"]
+              if r["task"] == "routing"}
+    num_experts = len(shares["en"][0])
+    allowed = {"es": [0, 1, 2], "ru": [0, 3], "en": [0, 1]}
+    assert num_experts == 4 and set(report["allocation"]["share"]) == {"moe"}  # dense models have no routing
+    for lang, experts in allowed.items():
+        by_hand = sum(sum(row[e] for e in experts) for row in shares[lang]) / len(shares[lang])
+        assert report["allocation"]["share"]["moe"][lang] == pytest.approx(by_hand)
+        assert 0.0 < by_hand < 1.0
+    markdown = (out / "report.md").read_text()
+    assert "## Routing on the allocated experts" in markdown and "es: [0, 1, 2]" in markdown
+    assert f"{report['allocation']['share']['moe']['ru']:.4f}" in markdown
+
+    # A map that names experts the model does not have is one clear error; nothing is written.
+    bad = tmp_path / "bad"
+    capsys.readouterr()
+    assert cli.main(["report", *map(str, evaluated["outs"].values()), "--out", str(bad),
+                     "--expert-allocation-map", '{"experts": {"es": [1, 99]}}']) == 1
+    assert "experts [99] of 'es' are outside 0..3, the experts of model 'moe'" in capsys.readouterr().err
+    with pytest.raises(DeltaMoEError, match=r"experts\.es must be a non-empty list"):
+        build_report([load_results(p) for p in evaluated["outs"].values()], None, {"experts": {"es": 1}})
+    with pytest.raises(DeltaMoEError, match=r"no result has routing shares"):
+        build_report([load_results(evaluated["outs"]["base"])], None, allocation)
+    assert not bad.exists()
+
+
+def test_report_puts_several_moe_models_side_by_side(evaluated, tmp_path):
+    from deltamoe.evaluation.report import write_report
+
+    moe = load_results(evaluated["outs"]["moe"])
+    report = build_report([load_results(evaluated["outs"]["base"]), moe, moe], ["base", "learned", "by-language"])
+    assert set(report["routing"]) == {"learned", "by-language"}
+    (tmp_path / "r").mkdir()
+    written = write_report(tmp_path / "r", report)
+    compare = tmp_path / "r" / "plots" / "routing_compare.png"
+    assert compare in written
+    pixels = matplotlib.image.imread(compare)
+    single = matplotlib.image.imread(tmp_path / "r" / "plots" / "routing_learned.png")
+    assert pixels.shape[0] > 1.5 * single.shape[0]  # one row of heatmaps per model
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "| task | metric | base orig | base new | learned orig | learned new | by-language orig | by-language new |" in markdown

@@ -6,6 +6,11 @@ An average over a group is the plain mean over that group's languages of the per
 counts once, whatever its number of examples), the convention of multilingual leaderboards such as Okapi's.
 Models are shown in the order given; names come from each result's `model.name` unless --names is passed.
 
+With --expert-allocation-map (the trainer's map: {"experts": {"es": [1, 2], ...}, "shared_experts": [0]}), the report
+adds, for each MoE model and language, the share of top-k choices that land on that language's allocated experts
+(mean over layers), measured on untagged text: how well the router alone follows the allocation (docs/allocation.md).
+With several MoE models, plots/routing_compare.png puts their layer x expert heatmaps side by side on one scale.
+
 Example:
 
   deltamoe report runs/eval_base runs/eval_dense_paramdelta runs/eval_deltamoe --out runs/report \\
@@ -31,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="+", help="eval output folders (or their results.json files)")
     parser.add_argument("--out", required=True, help="report folder (must not exist unless --overwrite)")
     parser.add_argument("--names", nargs="+", default=None, help="model names, one per result, in the same order")
+    parser.add_argument("--expert-allocation-map", default=None, metavar="JSON|FILE",
+                        help="language -> experts map (as the trainer's flag); adds the share of routing on each "
+                             "language's allocated experts per MoE model")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
 
@@ -54,7 +62,35 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def build_report(docs: list[dict], names: list[str] | None = None) -> dict:
+def allocated_shares(routing: dict[str, dict[str, list[list[float]]]], allocation: dict) -> dict[str, dict[str, float]]:
+    """model -> language -> share of top-k choices on the language's allocated experts (+ shared), mean over layers.
+
+    `allocation` is {"experts": {lang: [e, ...]}, "shared_experts": [...]}; languages without an entry are left out
+    (they may use every expert, so the share would be 1 by definition).
+    """
+    experts = allocation.get("experts")
+    if not isinstance(experts, dict) or not experts:
+        raise DeltaMoEError(f"--expert-allocation-map: expected {{'experts': {{language: [experts]}}, ...}}, got {allocation!r}")
+    shared = allocation.get("shared_experts", [])
+    for key, members in [*(("experts." + k, v) for k, v in experts.items()), ("shared_experts", shared)]:
+        if not isinstance(members, list) or (key != "shared_experts" and not members):
+            raise DeltaMoEError(f"--expert-allocation-map: {key} must be a non-empty list of expert indices, got {members!r}")
+    out: dict[str, dict[str, float]] = {}
+    for model, by_lang in routing.items():
+        for lang, table in by_lang.items():
+            if lang not in experts:
+                continue
+            allowed = sorted(set(experts[lang]) | set(shared))
+            num_experts = len(table[0])
+            bad = [e for e in allowed if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < num_experts]
+            if bad:
+                raise DeltaMoEError(f"--expert-allocation-map: experts {bad} of {lang!r} are outside 0..{num_experts - 1}, "
+                                    f"the experts of model {model!r}")
+            out.setdefault(model, {})[lang] = sum(sum(row[e] for e in allowed) for row in table) / len(table)
+    return out
+
+
+def build_report(docs: list[dict], names: list[str] | None = None, allocation: dict | None = None) -> dict:
     """Tables as data: one row per (task, metric, model) with per-language values and the two group averages."""
     names = names or [d["model"]["name"] for d in docs]
     if len(names) != len(docs):
@@ -95,8 +131,14 @@ def build_report(docs: list[dict], names: list[str] | None = None) -> dict:
                     "new_avg": _mean([per_lang[lang] for lang in new if lang in per_lang]),
                 })
     suites = sorted({str(d.get("suite", {}).get("sha256")) for d in docs})
+    allocated = None
+    if allocation is not None:
+        if not routing:
+            raise DeltaMoEError("--expert-allocation-map given, but no result has routing shares (no MoE model with a "
+                                "routing task)")
+        allocated = {"map": allocation, "share": allocated_shares(routing, allocation)}
     return {"models": names, "languages": {"original": original, "new": new}, "tasks": tasks, "rows": rows,
-            "routing": routing, "inputs": [{"name": n, "results": d["_file"], "model": d["model"].get("path"),
+            "routing": routing, "allocation": allocated, "inputs": [{"name": n, "results": d["_file"], "model": d["model"].get("path"),
                                             "model_hashes": d["model"].get("hashes")} for n, d in zip(names, docs)],
             "suite_sha256": suites}
 
@@ -135,7 +177,23 @@ def report_markdown(report: dict) -> str:
             cells = " | ".join(_fmt(row["per_language"].get(lang)) for lang in langs)
             out.append(f"| {m} | {cells} | {_fmt(row['original_avg'])} | {_fmt(row['new_avg'])} |")
         out.append("")
+    if report.get("allocation"):
+        out += _allocation_markdown(report["allocation"], langs)
     return "\n".join(out)
+
+
+def _allocation_markdown(allocation: dict, langs: list[str]) -> list[str]:
+    experts, shared = allocation["map"]["experts"], allocation["map"].get("shared_experts", [])
+    langs = [lang for lang in langs if lang in experts]
+    sets = ", ".join(f"{lang}: {sorted(set(experts[lang]) | set(shared))}" for lang in langs)
+    out = ["## Routing on the allocated experts", "",
+           f"Share of top-k choices on each language's allocated experts ({sets}), mean over layers, on untagged "
+           "held-out text: 1.0 means the router alone keeps every language inside its experts. With E experts and "
+           "top-k, a router that ignores language puts about |set|/E there.", "",
+           "| model | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
+    for model, by_lang in allocation["share"].items():
+        out.append(f"| {model} | " + " | ".join(_fmt(by_lang.get(lang)) for lang in langs) + " |")
+    return out + [""]
 
 
 def plot_bars(report: dict, task: str, metric: str, file: Path) -> None:
@@ -193,6 +251,38 @@ def plot_routing(shares_by_lang: dict[str, list[list[float]]], model: str, file:
     plt.close(fig)
 
 
+def plot_routing_compare(routing: dict[str, dict[str, list[list[float]]]], file: Path) -> None:
+    """Several MoE models' routing side by side: one row per model, one column per language, one colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models = list(routing)
+    langs = list(dict.fromkeys(lang for by_lang in routing.values() for lang in by_lang))
+    vmax = max(float(np.max(table)) for by_lang in routing.values() for table in by_lang.values())
+    fig, axes = plt.subplots(len(models), len(langs), figsize=(2.6 * len(langs) + 1.2, 2.8 * len(models) + 0.6), dpi=100,
+                             squeeze=False, constrained_layout=True)
+    image = None
+    for r, model in enumerate(models):
+        for c, lang in enumerate(langs):
+            ax = axes[r][c]
+            if lang not in routing[model]:
+                ax.axis("off")
+                continue
+            table = np.array(routing[model][lang])
+            image = ax.imshow(table, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto")
+            ax.set_title(f"{model} · {lang}", fontsize=9)
+            ax.set_xticks(range(table.shape[1]))
+            ax.set_xlabel("expert" if r == len(models) - 1 else "")
+            ax.set_ylabel("layer" if c == 0 else "")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="share of tokens")
+    fig.suptitle("routing per language (top-k choices per token)")
+    fig.savefig(file)
+    plt.close(fig)
+
+
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
 
@@ -211,12 +301,20 @@ def write_report(out: Path, report: dict) -> list[Path]:
     for model, shares in report["routing"].items():
         written.append(plots / f"routing_{_slug(model)}.png")
         plot_routing(shares, model, written[-1])
+    if len(report["routing"]) > 1:
+        written.append(plots / "routing_compare.png")
+        plot_routing_compare(report["routing"], written[-1])
     return written
 
 
 def main(args: argparse.Namespace) -> int:
     check_output_dir(args.out, inputs=args.results, overwrite=args.overwrite)
-    report = build_report([load_results(p) for p in args.results], args.names)
+    allocation = None
+    if args.expert_allocation_map is not None:
+        from deltamoe.megatron_ext.training.flags import read_allocation_map
+
+        allocation = read_allocation_map(args.expert_allocation_map)
+    report = build_report([load_results(p) for p in args.results], args.names, allocation)
     with atomic_output_dir(args.out, inputs=args.results, overwrite=args.overwrite) as tmp:
         plots = write_report(tmp, report)
     print(f"wrote {args.out}/report.md, report.json and {len(plots)} plots")

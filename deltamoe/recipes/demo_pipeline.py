@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from deltamoe.recipes.demo import (smollm2_135m_demo_dense_cpt_cpu, smollm2_135m_demo_stage1_cpu,
+from deltamoe.common.errors import DeltaMoEError
+from deltamoe.recipes.demo import (smollm2_135m_demo_dense_cpt_cpu, smollm2_135m_demo_stage1_by_language_cpu,
+                                   smollm2_135m_demo_stage1_cpu, smollm2_135m_demo_stage2_allocation_cpu,
                                    smollm2_135m_demo_stage2_cpu)
 from deltamoe.recipes.demo_assets import MODEL_NAME, default_cache
-from deltamoe.recipes.pipeline import PipelineRecipe, PreparedData
+from deltamoe.recipes.pipeline import MoEArm, PipelineRecipe, PreparedData
 
 QUICK_ITERS = 2
 """--quick: training steps per stage, for CI's end-to-end check (a real run of every stage, not a useful model)."""
@@ -25,35 +27,44 @@ EVAL_LIMIT = 6
 """Examples per task at the default size (CPU: ~45 s per dense model, ~100 s for the MoE); --scale raises it."""
 
 
-def demo(*, scale: float = 1.0, quick: bool = False, cache: Path | None = None, workdir: Path = Path("runs/demo")) -> PipelineRecipe:
+def _quick(recipe, *, save_interval: int = QUICK_ITERS):
+    return dataclasses.replace(recipe, train=dataclasses.replace(
+        recipe.train, train_iters=QUICK_ITERS, lr_warmup_iters=0, save_interval=save_interval, eval_interval=QUICK_ITERS,
+        eval_iters=1, seq_length=64, routing_log_interval=1))
+
+
+def demo(*, scale: float = 1.0, quick: bool = False, cache: Path | None = None, workdir: Path = Path("runs/demo"),
+         expert_allocation: str = "learned") -> PipelineRecipe:
+    """`expert_allocation`: learned (MoE-LPR routing, the default), by-language (experts allocated per language in
+    stage 1, allocation loss in review; docs/allocation.md) or both (two arms from one upcycled model, one report)."""
     cache = Path(cache) if cache else default_cache()
     data_root = cache / "demo-data"
-    stage1 = smollm2_135m_demo_stage1_cpu(scale, cache, workdir)
-    stage2 = smollm2_135m_demo_stage2_cpu(scale, cache, workdir)
+    learned = MoEArm(label="deltamoe", stage1=smollm2_135m_demo_stage1_cpu(scale, cache, workdir),
+                     stage2=smollm2_135m_demo_stage2_cpu(scale, cache, workdir))
+    by_language = MoEArm(label="deltamoe-by-language", tag="by-language",
+                         stage1=smollm2_135m_demo_stage1_by_language_cpu(scale, cache, workdir),
+                         stage2=smollm2_135m_demo_stage2_allocation_cpu(scale, cache, workdir))
+    choices = {"learned": [learned], "by-language": [by_language], "both": [learned, by_language]}
+    if expert_allocation not in choices:
+        raise DeltaMoEError(f"demo: expert_allocation must be one of {', '.join(choices)}, got {expert_allocation!r}")
+    arms = choices[expert_allocation]
     dense_cpt = smollm2_135m_demo_dense_cpt_cpu(scale, cache, workdir)
     if quick:
-        stage1 = dataclasses.replace(stage1, train=dataclasses.replace(
-            stage1.train, train_iters=QUICK_ITERS, lr_warmup_iters=0, save_interval=1, eval_interval=QUICK_ITERS, eval_iters=1, seq_length=64,
-            routing_log_interval=1))
-        # Only stage 1 saves every iteration (the resume test kills it after its first checkpoint): a checkpoint with
-        # optimizer state is ~7 GB on disk for this MoE.
-        stage2 = dataclasses.replace(stage2, train=dataclasses.replace(
-            stage2.train, train_iters=QUICK_ITERS, lr_warmup_iters=0, save_interval=QUICK_ITERS, eval_interval=QUICK_ITERS, eval_iters=1, seq_length=64,
-            routing_log_interval=1))
-        dense_cpt = dataclasses.replace(dense_cpt, train=dataclasses.replace(
-            dense_cpt.train, train_iters=QUICK_ITERS, lr_warmup_iters=0, save_interval=QUICK_ITERS, eval_interval=QUICK_ITERS, eval_iters=1, seq_length=64,
-            routing_log_interval=1))
+        # Only the first arm's stage 1 saves every iteration (the resume test kills it after its first checkpoint): a
+        # checkpoint with optimizer state is ~7 GB on disk for this MoE.
+        arms = [dataclasses.replace(arm, stage1=_quick(arm.stage1, save_interval=1 if i == 0 else QUICK_ITERS),
+                                    stage2=_quick(arm.stage2)) for i, arm in enumerate(arms)]
+        dense_cpt = _quick(dense_cpt)
     prepare = [PreparedData(jsonl=f"{stem}.train.jsonl", lang=lang, prefix=f"indexed/{stem}.train")
                for stem, lang in (("es-rv1909", "es"), ("ru-fortunes", "ru"), ("en-kjv", "en"))]
     return PipelineRecipe(
-        name="demo-quick" if quick else "demo",
+        name=("demo-quick" if quick else "demo") + ("" if expert_allocation == "learned" else f"-{expert_allocation}"),
         base_model=str(cache / "models" / MODEL_NAME),
         sft_data="faq-sft.en.train.jsonl",
         sft_steps=2 if quick else max(1, round(SFT_STEPS * scale)),
         data_root=str(data_root),
         prepare=prepare,
-        stage1=stage1,
-        stage2=stage2,
+        arms=arms,
         dense_baseline=dense_cpt,
         fetch_assets=True,
         # fetch-demo-assets copies recipes/demo_suite.yaml next to the data files it names.

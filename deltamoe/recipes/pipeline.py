@@ -3,11 +3,17 @@
     deltamoe pipeline demo --workdir runs/demo                 # the embedded default (SmolLM2 + public texts, CPU ok)
     deltamoe pipeline demo --workdir runs/demo --scale 3       # longer, stronger effect
     deltamoe pipeline demo --workdir runs/demo --from stage2 --until graft
+    deltamoe pipeline demo --workdir runs/demo --expert-allocation both   # learned vs by-language, side by side
 
 Each stage is the command a user would run alone (`deltamoe import ...`, `torchrun ... -m
 deltamoe.megatron_ext.training.train ...`), run as a subprocess and printed first. A stage whose output is complete
 is skipped; a training stage whose checkpoint folder holds an earlier iteration resumes from it (Megatron's --load).
 `<workdir>/manifest.json` records inputs with hashes, versions, each stage's command, timing and metrics.
+
+A recipe trains one or more MoE *arms* from the same upcycled checkpoint (e.g. learned routing and experts allocated
+by language, docs/allocation.md); each arm has its own stage 1, stage 2, export, graft and evaluation, and the report
+puts every arm next to the baselines. The first arm's stages have the plain names (stage1, ..., graft); another
+arm's carry its tag (stage1:by-language, ..., graft:by-language).
 """
 
 from __future__ import annotations
@@ -38,6 +44,26 @@ class PreparedData:
 
 
 @dataclass(kw_only=True)
+class MoEArm:
+    """One MoE trained from the shared upcycled checkpoint: stage 1 -> stage 2 -> export -> graft -> eval."""
+
+    label: str
+    """Model name in the evaluation and report (also the grafted model's folder under the workdir)."""
+    stage1: object
+    """recipes.config.Recipe of stage 1 (new experts + routers)."""
+    stage2: object
+    """recipes.config.Recipe of stage 2 (routers, LPR or allocation loss, replay)."""
+    tag: str = ""
+    """Suffix of this arm's stage names and folders; "" for the first arm (stage1, hf-moe, ...)."""
+
+    def stage(self, name: str) -> str:
+        return f"{name}:{self.tag}" if self.tag else name
+
+    def folder(self, name: str) -> str:
+        return f"{name}-{self.tag}" if self.tag else name
+
+
+@dataclass(kw_only=True)
 class PipelineRecipe:
     name: str
     base_model: str
@@ -48,10 +74,8 @@ class PipelineRecipe:
     sft_steps: int = 40
     data_root: str
     prepare: list[PreparedData]
-    stage1: object
-    """recipes.config.Recipe of stage 1 (new experts + routers)."""
-    stage2: object
-    """recipes.config.Recipe of stage 2 (routers, LPR loss, replay)."""
+    arms: list[MoEArm]
+    """MoEs trained from the one upcycled checkpoint; every arm's stage 1 starts from the same init_checkpoint."""
     dense_baseline: object | None = None
     """recipes.config.Recipe training the dense model on stage 1's data at the same token budget (then + ParamΔ)."""
     suite: str
@@ -64,6 +88,36 @@ class PipelineRecipe:
     def __post_init__(self):
         if self.post_model is None and self.sft_data is None:
             raise DeltaMoEError(f"pipeline {self.name}: give post_model, or sft_data to make one")
+        if not self.arms:
+            raise DeltaMoEError(f"pipeline {self.name}: no MoE arm to train")
+        for field_name in ("label", "tag"):
+            values = [getattr(a, field_name) for a in self.arms]
+            if len(set(values)) != len(values):
+                raise DeltaMoEError(f"pipeline {self.name}: arms repeat a {field_name}: {values}")
+        taken = {"base", "post", "dense-cpt+paramdelta", "report", "eval"} & {a.label for a in self.arms}
+        if taken:
+            raise DeltaMoEError(f"pipeline {self.name}: arm label(s) {sorted(taken)} name another model or folder")
+        first = self.arms[0].stage1
+        for arm in self.arms:
+            if (arm.stage1.init_checkpoint, arm.stage1.upcycle) != (first.init_checkpoint, first.upcycle):
+                raise DeltaMoEError(f"pipeline {self.name}: arm {arm.label!r} starts from {arm.stage1.init_checkpoint} "
+                                    f"({arm.stage1.upcycle}); every arm must share the first arm's upcycled checkpoint "
+                                    f"{first.init_checkpoint} ({first.upcycle})")
+            if arm.stage2.init_checkpoint != arm.stage1.name:
+                raise DeltaMoEError(f"pipeline {self.name}: arm {arm.label!r}: stage 2 starts from "
+                                    f"{arm.stage2.init_checkpoint!r}, not its stage 1 {arm.stage1.name!r}")
+        names = [r.name for a in self.arms for r in (a.stage1, a.stage2)]
+        if len(set(names)) != len(names):
+            raise DeltaMoEError(f"pipeline {self.name}: arms share a training recipe (checkpoint folder): {names}")
+
+    @property
+    def expert_allocation_map(self) -> dict | None:
+        """The allocation map any arm trains with (the report measures every MoE against it); None without one."""
+        for arm in self.arms:
+            for recipe in (arm.stage1, arm.stage2):
+                if recipe.train.expert_allocation_map is not None:
+                    return recipe.train.expert_allocation_map
+        return None
 
 
 @dataclass
@@ -126,27 +180,32 @@ def build_stages(p: PipelineRecipe, workdir: Path) -> list[Stage]:
                             [*deltamoe, "prepare-data", "--input", str(data_root / d.jsonl), "--tokenizer",
                              p.base_model, "--lang", d.lang, "--out", str(prefix), "--model", p.base_model],
                             lambda prefix=prefix: Path(f"{prefix}.idx").exists() and Path(f"{prefix}.bin").exists()))
-    dense = workdir / p.stage1.init_checkpoint.replace("upcycled", "dense")
-    moe = workdir / p.stage1.init_checkpoint
+    init = p.arms[0].stage1
+    dense = workdir / init.init_checkpoint.replace("upcycled", "dense")
+    moe = workdir / init.init_checkpoint
     stages.append(Stage("import", dense, [*deltamoe, "import", "--hf", p.base_model, "--out", str(dense)],
                         lambda: (dense / "deltamoe.json").exists()))
-    up = p.stage1.upcycle
+    up = init.upcycle
     stages.append(Stage("upcycle", moe,
                         [*deltamoe, "upcycle", "--dense", str(dense), "--out", str(moe), "--num-experts",
                          str(up.num_experts), "--topk", str(up.topk), "--variant", up.variant],
                         lambda: (moe / "deltamoe.json").exists()))
-    for tag, recipe in (("stage1", p.stage1), ("stage2", p.stage2)):
-        out = Path(checkpoint_dir(recipe))
-        stages.append(Stage(tag, out, _train_command(recipe, p.nproc_per_node),
-                            lambda out=out, r=recipe: _training_done(out, r.train.iterations),
-                            lambda r=recipe: _read_jsonl_metrics(Path(routing_log_file(r)))))
-    hf_moe = workdir / "hf-moe"
-    stages.append(Stage("export", hf_moe, [*deltamoe, "export", "--megatron", str(Path(checkpoint_dir(p.stage2))),
-                                           "--out", str(hf_moe)], lambda: (hf_moe / "config.json").exists()))
-    grafted = workdir / "deltamoe"
-    stages.append(Stage("graft", grafted, [*deltamoe, "graft", "--base", p.base_model, "--post", str(post), "--moe",
-                                           str(hf_moe), "--out", str(grafted)], lambda: (grafted / "config.json").exists()))
-    models = {"base": Path(p.base_model), "post": post, "deltamoe": grafted}
+    models = {"base": Path(p.base_model), "post": post}
+    for arm in p.arms:
+        for name, recipe in (("stage1", arm.stage1), ("stage2", arm.stage2)):
+            out = Path(checkpoint_dir(recipe))
+            stages.append(Stage(arm.stage(name), out, _train_command(recipe, p.nproc_per_node),
+                                lambda out=out, r=recipe: _training_done(out, r.train.iterations),
+                                lambda r=recipe: _read_jsonl_metrics(Path(routing_log_file(r)))))
+        hf_moe = workdir / arm.folder("hf-moe")
+        stages.append(Stage(arm.stage("export"), hf_moe, [*deltamoe, "export", "--megatron", checkpoint_dir(arm.stage2),
+                                                          "--out", str(hf_moe)],
+                            lambda hf_moe=hf_moe: (hf_moe / "config.json").exists()))
+        grafted = workdir / arm.label
+        stages.append(Stage(arm.stage("graft"), grafted, [*deltamoe, "graft", "--base", p.base_model, "--post", str(post),
+                                                          "--moe", str(hf_moe), "--out", str(grafted)],
+                            lambda grafted=grafted: (grafted / "config.json").exists()))
+        models[arm.label] = grafted
     if p.dense_baseline is not None:
         cpt = Path(checkpoint_dir(p.dense_baseline))
         stages.append(Stage("dense-cpt", cpt, _train_command(p.dense_baseline, p.nproc_per_node),
@@ -169,9 +228,22 @@ def build_stages(p: PipelineRecipe, workdir: Path) -> list[Stage]:
                             lambda out=out: (out / "results.json").exists(),
                             lambda out=out: _eval_metrics(out / "results.json")))
     report = workdir / "report"
-    stages.append(Stage("report", report, [*deltamoe, "report", *map(str, results), "--out", str(report)],
-                        lambda: (report / "report.md").exists()))
+    allocation = p.expert_allocation_map
+    allocation_args = [] if allocation is None else ["--expert-allocation-map", json.dumps(allocation, sort_keys=True)]
+    # A report of other models (e.g. before an arm was added) is stale: the stage reruns it with --overwrite.
+    stages.append(Stage("report", report, [*deltamoe, "report", *map(str, results), "--out", str(report),
+                                           *allocation_args, "--overwrite"],
+                        lambda: _report_current(report, results)))
     return stages
+
+
+def _report_current(report: Path, results: list[Path]) -> bool:
+    """The report exists and was made from exactly these eval results."""
+    try:
+        doc = json.loads((report / "report.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return [Path(i["results"]) for i in doc.get("inputs", [])] == [r / "results.json" for r in results]
 
 
 def _select(stages: list[Stage], start: str | None, until: str | None) -> list[Stage]:
@@ -243,6 +315,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", help="last stage to run (e.g. graft)")
     parser.add_argument("--scale", type=float, default=1.0, help="demo only: multiply training iterations")
     parser.add_argument("--quick", action="store_true", help="demo only: a few steps per stage (CI's end-to-end check)")
+    parser.add_argument("--expert-allocation", choices=("learned", "by-language", "both"), default="learned",
+                        help="demo only: MoE arms to train: learned routing (MoE-LPR, the default), experts allocated "
+                             "by language (docs/allocation.md), or both side by side in one report")
     parser.add_argument("--cache", type=Path, default=None, help="demo asset cache (default $DELTAMOE_CACHE or ~/.cache/deltamoe)")
     parser.add_argument("--dry-run", action="store_true", help="print the stage commands without running them")
 
@@ -252,6 +327,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.recipe not in PIPELINES:
         raise DeltaMoEError(f"unknown pipeline recipe {args.recipe!r}; known: {', '.join(PIPELINES)}")
-    recipe = PIPELINES[args.recipe](scale=args.scale, quick=args.quick, cache=args.cache, workdir=args.workdir.resolve())
+    recipe = PIPELINES[args.recipe](scale=args.scale, quick=args.quick, cache=args.cache, workdir=args.workdir.resolve(),
+                                    expert_allocation=args.expert_allocation)
     run_pipeline(recipe, args.workdir.resolve(), start=args.start, until=args.until, dry_run=args.dry_run)
     return 0
