@@ -183,8 +183,11 @@ def test_report_measures_routing_on_allocated_experts(evaluated, tmp_path, capsy
     capsys.readouterr()
     assert cli.main(["report", *map(str, evaluated["outs"].values()), "--out", str(bad),
                      "--expert-allocation-map", '{"experts": {"es": [1, 99]}}']) == 1
-    assert "experts [99] of 'es' are outside 0..3, the experts of model 'moe'" in capsys.readouterr().err
-    with pytest.raises(DeltaMoEError, match=r"experts\.es must be a non-empty list"):
+    assert ("--expert-allocation-map does not fit model 'moe': expert allocation: experts['es'] has expert 99, "
+            "outside 0..3 (num_experts=4)") in capsys.readouterr().err
+    with pytest.raises(DeltaMoEError, match=r"experts\['es'\] is empty"):
+        build_report([load_results(p) for p in evaluated["outs"].values()], None, {"experts": {"es": []}})
+    with pytest.raises(DeltaMoEError, match=r"experts\.es must be a list of expert indices"):
         build_report([load_results(p) for p in evaluated["outs"].values()], None, {"experts": {"es": 1}})
     with pytest.raises(DeltaMoEError, match=r"no result has routing shares"):
         build_report([load_results(evaluated["outs"]["base"])], None, allocation)

@@ -65,28 +65,31 @@ def _mean(values: list[float]) -> float | None:
 def allocated_shares(routing: dict[str, dict[str, list[list[float]]]], allocation: dict) -> dict[str, dict[str, float]]:
     """model -> language -> share of top-k choices on the language's allocated experts (+ shared), mean over layers.
 
-    `allocation` is {"experts": {lang: [e, ...]}, "shared_experts": [...]}; languages without an entry are left out
-    (they may use every expert, so the share would be 1 by definition).
+    `allocation` is the trainer's map, {"experts": {lang: [e, ...]}, "shared_experts": [...]}, checked by the same
+    `ExpertAllocation` against each model's number of experts; languages without an entry are left out (they may use
+    every expert, so the share would be 1 by definition).
     """
+    from deltamoe.megatron_ext.moe.allocation import ExpertAllocation
+
     experts = allocation.get("experts")
     if not isinstance(experts, dict) or not experts:
         raise DeltaMoEError(f"--expert-allocation-map: expected {{'experts': {{language: [experts]}}, ...}}, got {allocation!r}")
     shared = allocation.get("shared_experts", [])
     for key, members in [*(("experts." + k, v) for k, v in experts.items()), ("shared_experts", shared)]:
-        if not isinstance(members, list) or (key != "shared_experts" and not members):
-            raise DeltaMoEError(f"--expert-allocation-map: {key} must be a non-empty list of expert indices, got {members!r}")
+        if not isinstance(members, list):
+            raise DeltaMoEError(f"--expert-allocation-map: {key} must be a list of expert indices, got {members!r}")
     out: dict[str, dict[str, float]] = {}
     for model, by_lang in routing.items():
+        num_experts = len(next(iter(by_lang.values()))[0])
+        try:
+            checked = ExpertAllocation(languages=list(experts), experts=experts, shared_experts=shared,
+                                       num_experts=num_experts, topk=1)
+        except DeltaMoEError as e:
+            raise DeltaMoEError(f"--expert-allocation-map does not fit model {model!r}: {e}") from None
         for lang, table in by_lang.items():
-            if lang not in experts:
-                continue
-            allowed = sorted(set(experts[lang]) | set(shared))
-            num_experts = len(table[0])
-            bad = [e for e in allowed if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < num_experts]
-            if bad:
-                raise DeltaMoEError(f"--expert-allocation-map: experts {bad} of {lang!r} are outside 0..{num_experts - 1}, "
-                                    f"the experts of model {model!r}")
-            out.setdefault(model, {})[lang] = sum(sum(row[e] for e in allowed) for row in table) / len(table)
+            if lang in experts:
+                allowed = checked.allowed_experts(lang)
+                out.setdefault(model, {})[lang] = sum(sum(row[e] for e in allowed) for row in table) / len(table)
     return out
 
 
