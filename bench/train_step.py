@@ -124,7 +124,7 @@ def build_megatron(shape: Shape, spec: str, stage: int | None, dtype):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
 
-    from deltamoe.converters.architectures import read_architecture_config
+    from deltamoe.architectures import read_architecture_config
     from deltamoe.megatron_ext.runtime import model_builder
 
     _, arch = read_architecture_config(hf_dense_config(shape), "bench")

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from deltamoe.common.errors import DeltaMoEError
+from deltamoe.common.hf_folder import read_config
 from deltamoe.converters.megatron_to_hf import export
-from deltamoe.converters.safetensors_io import SafetensorsReader, read_config
+from deltamoe.converters.safetensors_io import SafetensorsReader
 from deltamoe.megatron_ext.runtime.checkpoint import CheckpointMetadata, save_checkpoint
 from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
 from deltamoe.megatron_ext.runtime.model_builder import MoESettings, model_from_hf_config, padded_vocab_size

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from deltamoe.common.errors import DeltaMoEError
-from deltamoe.converters.architectures import read_architecture_config
+from deltamoe.architectures import read_architecture_config
 from deltamoe.megatron_ext.layers import grouped_experts
-from deltamoe.megatron_ext.layers.chunked_loss import use_chunked_loss
+from deltamoe.megatron_ext.internals import use_chunked_loss
 from deltamoe.megatron_ext.layers.grouped_experts import (
     FrozenAwareGroupedMLP,
     grouped_linear,

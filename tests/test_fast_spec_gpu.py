@@ -107,7 +107,7 @@ def test_frozen_expert_stays_bit_identical_in_bf16_on_cuda():
 
 
 def test_chunked_loss_equals_megatron_loss_on_cuda():
-    from deltamoe.megatron_ext.layers.chunked_loss import use_chunked_loss
+    from deltamoe.megatron_ext.internals import use_chunked_loss
 
     torch.backends.cuda.matmul.allow_tf32 = False
     local, fast = _models("qwen3", MOE, torch.float32)
@@ -120,7 +120,7 @@ def test_chunked_loss_equals_megatron_loss_on_cuda():
 def test_sdpa_attention_never_materialises_scores():
     from megatron.core.transformer.enums import AttnMaskType
 
-    from deltamoe.converters.architectures import read_architecture_config
+    from deltamoe.architectures import read_architecture_config
     from deltamoe.megatron_ext.layers.sdpa_attention import SDPAttention
     from deltamoe.megatron_ext.runtime import model_builder
     from tests.tiny_models import tiny_config

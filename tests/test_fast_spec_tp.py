@@ -55,7 +55,7 @@ def _train(tp: int, sp: bool, chunked: bool) -> tuple[list[float], dict[str, tor
     )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from deltamoe.megatron_ext.layers.chunked_loss import use_chunked_loss
+    from deltamoe.megatron_ext.internals import use_chunked_loss
     from deltamoe.megatron_ext.runtime.distributed import (
         ParallelLayout,
         init_distributed,

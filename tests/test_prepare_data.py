@@ -301,7 +301,7 @@ def test_blend_refuses_two_tokenizers(two_languages, tmp_path):
 def test_dataset_helper_compilation_is_disabled(monkeypatch):
     import megatron.core.datasets.utils as dataset_utils
 
-    from deltamoe.megatron_ext.data.megatron_helpers import (
+    from deltamoe.megatron_ext.internals import (
         disable_dataset_helper_compilation,
     )
 

@@ -33,10 +33,11 @@ from tqdm import tqdm
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import sha256_dir, versions
 from deltamoe.common.outputs import atomic_output_dir
+from deltamoe.common.hf_folder import copy_tokenizer_files, read_config
 from deltamoe.converters.hf_moe_layout import TensorRole, format_for_dense, format_of_config, parse_moe_name
 from deltamoe.converters.hf_upcycle import ffn_slice
 from deltamoe.converters.merge import check_finite, check_same_architecture, extra_vocab_rows, peak_rss_gib
-from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter, copy_tokenizer_files, read_config
+from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter
 from deltamoe.megatron_ext.moe.plan import PLAN_FILE, UpcyclePlan
 
 log = logging.getLogger(__name__)

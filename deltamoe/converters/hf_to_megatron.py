@@ -23,10 +23,11 @@ from tqdm import tqdm
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import sha256_dir
 from deltamoe.common.outputs import begin_output_dir, check_output_dir, commit_output_dir, discard_output_dir
-from deltamoe.converters.architectures import read_architecture_config
-from deltamoe.converters.architectures.base import Transform
+from deltamoe.common.hf_folder import copy_tokenizer_files, read_config
+from deltamoe.architectures import read_architecture_config
+from deltamoe.architectures.base import Transform
 from deltamoe.converters.mapping import check_hf_accounting, expand_rules, global_name
-from deltamoe.converters.safetensors_io import SafetensorsReader, copy_tokenizer_files, read_config
+from deltamoe.converters.safetensors_io import SafetensorsReader
 from deltamoe.converters.transforms import tensor_parallel_slice, to_megatron
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

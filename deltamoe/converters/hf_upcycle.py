@@ -28,8 +28,9 @@ import torch
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import sha256_dir
 from deltamoe.common.outputs import atomic_output_dir
+from deltamoe.common.hf_folder import copy_tokenizer_files, read_config
 from deltamoe.converters.hf_moe_layout import FORMATS, MoEFormat, format_for_dense, parse_dense_name
-from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter, copy_tokenizer_files, read_config
+from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter
 from deltamoe.megatron_ext.moe.plan import ExpertSource, UpcyclePlan
 
 QWEN2_MOE_SHARED_GATE_COMPENSATION = 2.0

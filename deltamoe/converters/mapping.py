@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from deltamoe.common.errors import DeltaMoEError
-from deltamoe.converters.architectures.base import ArchitectureConfig, Rule, is_dropped, rule_applies
+from deltamoe.architectures.base import ArchitectureConfig, Rule, is_dropped, rule_applies
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.outputs import atomic_output_dir, check_output_dir
-from deltamoe.converters.architectures import read_architecture_config
-from deltamoe.converters.architectures.moe import MOE_FORMATS, moe_hf_config
+from deltamoe.common.hf_folder import TOKENIZER_FILES
+from deltamoe.architectures import read_architecture_config
+from deltamoe.architectures.moe import MOE_FORMATS, moe_hf_config
 from deltamoe.converters.mapping import expand_rules
-from deltamoe.converters.safetensors_io import TOKENIZER_FILES, ShardWriter
+from deltamoe.converters.safetensors_io import ShardWriter
 from deltamoe.converters.transforms import to_hf
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def choose_format(requested: str, arch_name: str, moe: dict) -> str:
-    from deltamoe.converters.architectures import ARCHITECTURES
+    from deltamoe.architectures import ARCHITECTURES
 
     if requested != "auto":
         return requested
@@ -97,7 +98,7 @@ def _ungated_shared(moe: dict) -> bool:
 
 def _zero_shared_experts(config):
     """Qwen2-MoE always has a shared expert: a 1-wide one with zero down-projection adds exactly nothing."""
-    from deltamoe.converters.architectures.moe import ZERO_SHARED_EXPERT_SIZE as n
+    from deltamoe.architectures.moe import ZERO_SHARED_EXPERT_SIZE as n
 
     for i in range(config.num_layers):
         p = f"model.layers.{i}.mlp"

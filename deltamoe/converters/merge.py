@@ -33,8 +33,9 @@ from tqdm import tqdm
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import sha256_dir, versions
 from deltamoe.common.outputs import atomic_output_dir
+from deltamoe.common.hf_folder import copy_tokenizer_files, read_config
 from deltamoe.converters.hf_moe_layout import VOCAB_TENSORS
-from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter, copy_tokenizer_files, read_config
+from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter
 
 log = logging.getLogger(__name__)
 METHODS = ("param_delta", "task_arithmetic", "ties", "dare_ties", "dare_linear")

@@ -157,33 +157,3 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return names
-
-
-def read_config(folder: str | os.PathLike) -> dict:
-    """config.json of a HF folder, with a clear error when it is absent or not JSON."""
-    path = Path(folder) / "config.json"
-    if not path.exists():
-        raise DeltaMoEError(f"{path}: missing (expected a Hugging Face model folder with config.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DeltaMoEError(f"{path}: not valid JSON: {e}") from None
-
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
-
-
-def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy the tokenizer files present in `src` (and generation_config.json) to `dst`."""
-    import shutil
-
-    copied = []
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
-        path = Path(src) / name
-        if path.exists():
-            shutil.copy2(path, Path(dst) / name)
-            copied.append(name)
-    return copied

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from deltamoe.converters.architectures.base import ArchitectureConfig, Transform
+from deltamoe.architectures.base import ArchitectureConfig, Transform
 
 
 def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: ArchitectureConfig) -> torch.Tensor:

@@ -202,7 +202,7 @@ def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike) -> str:
 
 
 def model_vocab_size_from(model_dir: str | os.PathLike) -> int:
-    from deltamoe.converters.safetensors_io import read_config
+    from deltamoe.common.hf_folder import read_config
 
     config = read_config(model_dir)
     size = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))

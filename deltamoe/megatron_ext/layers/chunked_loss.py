@@ -102,6 +102,8 @@ def chunked_vocab_parallel_cross_entropy(hidden, weight, labels, *, tp_group=Non
 class ChunkedLossGPTModel(GPTModel):
     """megatron's `GPTModel` whose training loss uses `chunked_vocab_parallel_cross_entropy`.
 
+    A built model is switched to it by `internals.use_chunked_loss` (it overrides the private `_postprocess`).
+
     Same parameters, state dict and checkpoints as `GPTModel`; without labels (inference, logits) and with features
     this path does not cover (multi-token prediction, MuP output scaling) it is `GPTModel` unchanged.
     """
@@ -123,12 +125,3 @@ class ChunkedLossGPTModel(GPTModel):
             sequence_parallel=self.output_layer.sequence_parallel, chunk_bytes=self.chunk_bytes,
         )
         return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s], as GPTModel returns it
-
-
-def use_chunked_loss(model: GPTModel, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> GPTModel:
-    """Switch a built `GPTModel` to the chunked loss in place (no parameter moves; same state dict)."""
-    if not isinstance(model, GPTModel):
-        raise TypeError(f"use_chunked_loss expects a megatron GPTModel, got {type(model).__name__}")
-    model.__class__ = ChunkedLossGPTModel
-    model.chunk_bytes = chunk_bytes
-    return model

@@ -21,12 +21,12 @@ context is chunked the same way; context parallelism reorders tokens and is refu
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
 
 from deltamoe.common.errors import DeltaMoEError
+from deltamoe.megatron_ext.internals import attach_router_loss, wrap_router_routing
 from deltamoe.megatron_ext.moe.allocation import mask_router_logits
 from deltamoe.megatron_ext.moe.routing_losses import allocation_loss, lpr_loss
 
@@ -130,13 +130,11 @@ class RouterProbe:
 
 def _attach(router, probs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     """Add `loss` to the training objective through megatron's aux-loss autograd hook (as its load-balancing loss)."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
     if router.config.calculate_per_token_loss:
         # As megatron's attach_and_log_load_balancing_loss: per-token mode divides every gradient by the global token
         # count, so the router loss is pre-multiplied by this rank's token count to keep the same effective weight.
         loss = loss * probs.shape[0] * router.tp_cp_group.size()
-    return MoEAuxLossAutoScaler.apply(probs, loss)
+    return attach_router_loss(probs, loss)
 
 
 def routers(model) -> list:
@@ -152,12 +150,7 @@ def install_router_probe(model_chunks, probe: RouterProbe) -> int:
         for router in routers(chunk):
             if getattr(router, "_deltamoe_probe", None) is not None:
                 raise DeltaMoEError("router probe already installed on this model")
-            original = router.routing
-
-            def routing(self, logits, *args, _original=original, **kwargs):
-                return probe.routing(self, _original, logits, *args, **kwargs)
-
-            router.routing = types.MethodType(routing, router)
+            wrap_router_routing(router, probe.routing)
             router._deltamoe_probe = probe
             count += 1
     return count

@@ -61,8 +61,8 @@ def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, 
             granularity: int = 1, router_init: str = "normal", router_init_std: float = 0.02, noise_std: float = 0.0,
             seed: int = 0, expert_parallel_size: int = 1, overwrite: bool = False) -> Path:
     """Load the dense checkpoint, transform its state dict, load it strictly into the MoE model and save both."""
-    from deltamoe.converters.architectures import read_architecture_config
-    from deltamoe.converters.safetensors_io import copy_tokenizer_files
+    from deltamoe.architectures import read_architecture_config
+    from deltamoe.common.hf_folder import copy_tokenizer_files
     from deltamoe.megatron_ext.runtime.checkpoint import CheckpointMetadata, load_model, read_metadata, save_checkpoint
     from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
     from deltamoe.megatron_ext.runtime.model_builder import build_gpt_model, transformer_config

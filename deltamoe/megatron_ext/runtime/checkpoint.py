@@ -11,11 +11,9 @@ Training checkpoints that the trainer writes into the same folder (`iter_0000100
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import queue
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import versions
+from deltamoe.megatron_ext.internals import in_process_write_results
 
 METADATA_FILE = "deltamoe.json"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -77,20 +76,6 @@ def _sharded_metadata() -> dict:
     return {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
-@contextlib.contextmanager
-def _in_process_write_results():
-    """Synchronous saves write with threads of this process; megatron's default result queue is a spawned
-    multiprocessing Manager, which costs a process start per save and breaks scripts without a __main__ guard."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    previous = filesystem_async._results_queue
-    filesystem_async._results_queue = queue.Queue()
-    try:
-        yield
-    finally:
-        filesystem_async._results_queue = previous
-
-
 def save_checkpoint(model, folder: str | os.PathLike, metadata: CheckpointMetadata) -> None:
     """Save `model` (every rank calls this) as a release checkpoint the trainer loads with --load."""
     from megatron.core import dist_checkpointing, parallel_state
@@ -106,7 +91,7 @@ def save_checkpoint(model, folder: str | os.PathLike, metadata: CheckpointMetada
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": 0,
     }
-    with _in_process_write_results():
+    with in_process_write_results():
         dist_checkpointing.save(state, str(release), content_metadata=_sharded_metadata())
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
@@ -120,7 +105,7 @@ def load_model(folder: str | os.PathLike, *, spec: str = "auto", params_dtype: t
     """Build the checkpoint's model in the current parallel state and load its weights (resharding as needed)."""
     from megatron.core import dist_checkpointing, parallel_state
 
-    from deltamoe.converters.architectures import read_architecture_config
+    from deltamoe.architectures import read_architecture_config
     from deltamoe.megatron_ext.runtime.model_builder import MoESettings, build_gpt_model, transformer_config
 
     meta = read_metadata(folder)

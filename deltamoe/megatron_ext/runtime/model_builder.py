@@ -1,6 +1,6 @@
 """Build a megatron-core `GPTModel` from a Hugging Face config (Llama, Qwen2/2.5, Qwen3), dense or upcycled MoE.
 
-The HF config is read through the architecture tables in `deltamoe.converters.architectures`; the resulting
+The HF config is read through the architecture tables in `deltamoe.architectures`; the resulting
 `TransformerConfig` is megatron-core's own (we compose it, never mirror its fields). Fused-kernel switches that need
 Transformer Engine or apex are turned off when those are absent, so the same builder serves CPU tests and GPUs.
 """
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from deltamoe.common.errors import DeltaMoEError
-from deltamoe.converters.architectures import read_architecture_config
-from deltamoe.converters.architectures.base import ArchitectureConfig
+from deltamoe.architectures import read_architecture_config
+from deltamoe.architectures.base import ArchitectureConfig
 from deltamoe.megatron_ext.runtime import specs
 
 
@@ -152,7 +152,7 @@ def build_gpt_model(
         vp_stage=vp_stage,
     )
     if specs.resolve_spec_name(spec) == "fast":
-        from deltamoe.megatron_ext.layers.chunked_loss import use_chunked_loss
+        from deltamoe.megatron_ext.internals import use_chunked_loss
 
         # float32 logits of a 150k vocabulary would dominate activation memory; same loss, same state dict.
         use_chunked_loss(model)

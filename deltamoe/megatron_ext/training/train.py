@@ -39,7 +39,7 @@ Optimizer and checkpoints (why the entry adds --use-distributed-optimizer by def
   state over data-parallel ranks, as large runs want anyway).
 - Without apex/Transformer Engine megatron falls back to torch's AdamW, which keeps a `step` per parameter state.
   On resume megatron asks the still-empty optimizer for a state-dict template and asserts it has exactly one step
-  (`assert len(steps) == 1`, distrib_optimizer.py; seen on CPU and on an H200 without TE). `_fix_torch_adam_resume`
+  (`assert len(steps) == 1`, distrib_optimizer.py; seen on CPU and on an H200 without TE). `internals.fix_torch_adam_resume`
   gives an empty torch AdamW the state it would create at its first step (step 0, zero moments) before that
   template is built; the loaded checkpoint then overwrites it, under torch.no_grad() (with float32 parameters the
   optimizer's main-parameter shards are views of leaf parameters). Megatron then leaves every parameter's `step`
@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 
 from deltamoe.common.errors import DeltaMoEError
+from deltamoe.megatron_ext.internals import build_datasets_on_every_rank
 
 CPU_FLAGS = [
     "--distributed-backend", "gloo", "--use-cpu-initialization", "--transformer-impl", "local",
@@ -106,49 +107,6 @@ def default_flags(argv: list[str], meta, arch, stage: int) -> list[str]:
         if not HAVE_TE:
             flags += NO_TE_FLAGS
     return flags
-
-
-def _fix_torch_adam_resume() -> None:
-    """Let megatron's DistributedOptimizer build its (resume) state-dict template around torch's AdamW (see above)."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE or getattr(distrib_optimizer.DistributedOptimizer, "_deltamoe_fixed", False):
-        return
-    original = distrib_optimizer.DistributedOptimizer.state_dict
-
-    def state_dict(self):
-        inner = self.optimizer
-        if isinstance(inner, torch.optim.Optimizer) and not inner.state:
-            for group in inner.param_groups:
-                for p in group["params"]:
-                    # Exactly what torch.optim.AdamW allocates at its first step; its math is unchanged.
-                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
-        return original(self)
-
-    original_load = distrib_optimizer.DistributedOptimizer.load_state_dict
-
-    def load_state_dict(self, state_dict):
-        # With float32 parameters the main-parameter shards are views of the model's leaf parameters; copying the
-        # loaded values into them must not be recorded by autograd.
-        with torch.no_grad():
-            result = original_load(self, state_dict)
-        # The iteration count torch's AdamW needs lives in the checkpoint's param groups (megatron's non-apex path).
-        # megatron hands every state the *same* step tensor, which AdamW increments in place once per parameter, and
-        # its dp_reshardable parameter-state copy then overwrites it with the template's value; set one tensor per
-        # state from the checkpoint, as AdamW itself creates them.
-        steps = {g["step"] for g in state_dict.get("optimizer", {}).get("param_groups", []) if g.get("step") is not None}
-        inner = self.optimizer
-        if "param_state" in state_dict and len(steps) == 1 and isinstance(inner, torch.optim.Optimizer):
-            step = float(steps.pop())
-            for state in inner.state.values():
-                if "step" in state:
-                    state["step"] = torch.tensor(step)
-        return result
-
-    distrib_optimizer.DistributedOptimizer.state_dict = state_dict
-    distrib_optimizer.DistributedOptimizer.load_state_dict = load_state_dict
-    distrib_optimizer.DistributedOptimizer._deltamoe_fixed = True
 
 
 def _to_device(t: torch.Tensor) -> torch.Tensor:
@@ -226,12 +184,13 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
     return build_language_tagged_datasets(_State.blend, config, sizes)
 
 
-datasets_provider.is_distributed = True  # every rank reads its own batches (the router probe needs them everywhere)
+# Every rank reads its own batches (the router probe needs them everywhere).
+build_datasets_on_every_rank(datasets_provider)
 
 
 def _prepare_save_folder(save: str | None, source: Path) -> None:
     """Make --save a DeltaMoE checkpoint folder too: metadata, upcycle plan and tokenizer next to megatron's iterations."""
-    from deltamoe.converters.safetensors_io import TOKENIZER_FILES
+    from deltamoe.common.hf_folder import TOKENIZER_FILES
     from deltamoe.megatron_ext.moe.plan import PLAN_FILE
     from deltamoe.megatron_ext.runtime.checkpoint import METADATA_FILE
 
@@ -287,8 +246,8 @@ def _setup(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     from megatron.core.enums import ModelType
 
-    from deltamoe.converters.architectures import read_architecture_config
-    from deltamoe.megatron_ext.data.megatron_helpers import disable_dataset_helper_compilation
+    from deltamoe.architectures import read_architecture_config
+    from deltamoe.megatron_ext.internals import disable_dataset_helper_compilation, fix_torch_adam_resume
     from deltamoe.megatron_ext.moe.plan import UpcyclePlan
     from deltamoe.megatron_ext.runtime import cpu_compat
     from deltamoe.megatron_ext.runtime.checkpoint import read_metadata
@@ -316,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.training.arguments import parse_and_validate_args
 
     args = parse_and_validate_args(extra_args_provider=add_deltamoe_arguments)
-    _fix_torch_adam_resume()
+    fix_torch_adam_resume()
     _setup(args)
     _prepare_save_folder(args.save, source)
     cfg_container = pretrain_cfg_container_from_args(args)

@@ -1,6 +1,6 @@
 """Qwen2 / Qwen2.5: bias on q, k and v projections (always), none elsewhere."""
 
-from deltamoe.converters.architectures.base import COMMON_CONFIG_FIELDS, DENSE_RULES, DROPPED_HF, Architecture
+from deltamoe.architectures.base import COMMON_CONFIG_FIELDS, DENSE_RULES, DROPPED_HF, Architecture
 
 QWEN2 = Architecture(
     name="qwen2",

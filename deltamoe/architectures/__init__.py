@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from deltamoe.common.errors import DeltaMoEError
-from deltamoe.converters.architectures.base import Architecture, ArchitectureConfig
-from deltamoe.converters.architectures.llama import LLAMA
-from deltamoe.converters.architectures.qwen2 import QWEN2
-from deltamoe.converters.architectures.qwen3 import QWEN3
+from deltamoe.architectures.base import Architecture, ArchitectureConfig
+from deltamoe.architectures.llama import LLAMA
+from deltamoe.architectures.qwen2 import QWEN2
+from deltamoe.architectures.qwen3 import QWEN3
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (LLAMA, QWEN2, QWEN3)}
 

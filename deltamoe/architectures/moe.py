@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deltamoe.common.errors import DeltaMoEError
-from deltamoe.converters.architectures.base import ATTENTION_RULES, EMBEDDING_RULES, Rule, Transform
+from deltamoe.architectures.base import ATTENTION_RULES, EMBEDDING_RULES, Rule, Transform
 
 
 @dataclass(frozen=True)

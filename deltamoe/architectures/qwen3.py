@@ -1,6 +1,6 @@
 """Qwen3: RMSNorm on each query and key head (q_norm / k_norm), explicit head_dim, optional attention bias."""
 
-from deltamoe.converters.architectures.base import COMMON_CONFIG_FIELDS, DENSE_RULES, DROPPED_HF, Architecture
+from deltamoe.architectures.base import COMMON_CONFIG_FIELDS, DENSE_RULES, DROPPED_HF, Architecture
 
 QWEN3 = Architecture(
     name="qwen3",

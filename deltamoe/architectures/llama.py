@@ -1,6 +1,6 @@
 """Llama 2 / 3.x (and SmolLM2, which is a Llama): optional attention bias, tied or untied embeddings, llama3 RoPE scaling."""
 
-from deltamoe.converters.architectures.base import COMMON_CONFIG_FIELDS, DENSE_RULES, DROPPED_HF, Architecture
+from deltamoe.architectures.base import COMMON_CONFIG_FIELDS, DENSE_RULES, DROPPED_HF, Architecture
 
 LLAMA = Architecture(
     name="llama",
