@@ -35,5 +35,6 @@ WORKDIR /workspace/deltamoe
 COPY pyproject.toml README.md ./
 COPY deltamoe ./deltamoe
 COPY tests ./tests
+COPY bench ./bench
 RUN pip install --no-deps -e . && \
     python -c "import deltamoe, megatron.core, transformer_engine; print('deltamoe image ok')"

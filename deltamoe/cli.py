@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("deltamoe.converters.megatron_to_hf", "Megatron torch_dist checkpoint (dense or MoE) -> Hugging Face safetensors"),
     "upcycle": ("deltamoe.megatron_ext.moe.upcycle_cli", "Megatron dense checkpoint -> upcycled MoE checkpoint (expert 0 = original FFN)"),
     "prepare-data": ("deltamoe.megatron_ext.data.prepare", "text/JSONL -> Megatron indexed dataset with a language tag"),
+    "rewrite-checkpoint": ("deltamoe.megatron_ext.runtime.rewrite_cli", "rewrite a legacy-layout Megatron checkpoint's weights in the current key layout"),
     "graft": ("deltamoe.converters.graft", "graft the post-training delta (instruct - base) into every expert of an HF MoE"),
     "merge": ("deltamoe.converters.merge", "dense merge baselines: ParamDelta, task arithmetic, TIES, DARE"),
     "eval": ("deltamoe.evaluation.runner", "score a Hugging Face checkpoint on a suite of local tasks"),

@@ -147,6 +147,12 @@ def test_stage1_trains_new_experts_only_and_loss_falls(workspace, stage1):
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
     # The trainer's save folder is a DeltaMoE checkpoint too (metadata + plan next to megatron's iterations).
     assert (out / "deltamoe.json").exists() and (out / "deltamoe_upcycle.json").exists()
+    # The trainer (fast spec here) writes the Transformer Engine spec's keys (tests/te_contract.py), as upcycle does.
+    from deltamoe.megatron_ext.runtime.checkpoint import checkpoint_dir
+    from tests.te_contract import checkpoint_model_keys, requested_keys, te_layer_spec
+
+    want = requested_keys(te_layer_spec(num_experts=4, qk_layernorm=False), qkv_bias=False, tied=False)
+    assert checkpoint_model_keys(checkpoint_dir(out)) == want
 
 
 @pytest.mark.slow
@@ -159,6 +165,11 @@ def test_dense_continued_pretraining_from_imported_checkpoint(workspace):
     assert [r["iteration"] for r in records] == list(range(1, 6))
     assert losses[-1] < losses[0], losses
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+    from deltamoe.megatron_ext.runtime.checkpoint import checkpoint_dir
+    from tests.te_contract import checkpoint_model_keys, requested_keys, te_layer_spec
+
+    want = requested_keys(te_layer_spec(num_experts=None, qk_layernorm=False), qkv_bias=False, tied=False)
+    assert checkpoint_model_keys(checkpoint_dir(out)) == want
     before, after = weights(workspace["dense"]), weights(out)
     assert before.keys() == after.keys()
     unchanged = [n for n in before if torch.equal(before[n], after[n])]

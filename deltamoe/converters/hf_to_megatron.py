@@ -120,8 +120,12 @@ def _check_shapes(bindings, reader: SafetensorsReader, config, source: str) -> N
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
-              vocab_divisible_by: int = 128, overwrite: bool = False) -> Path:
-    """Convert; every rank of the (tp x pp) group calls this. Returns the output folder."""
+              vocab_divisible_by: int = 128, overwrite: bool = False, spec: str | None = None) -> Path:
+    """Convert; every rank of the (tp x pp) group calls this. Returns the output folder.
+
+    `spec` is the module tree the weights pass through (default: specs.CONVERSION_SPEC); the files do not depend on
+    it, nor on whether Transformer Engine is installed.
+    """
     from deltamoe.megatron_ext.runtime.checkpoint import CheckpointMetadata, save_checkpoint
     from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
     from deltamoe.megatron_ext.runtime.model_builder import (
@@ -147,7 +151,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
 
     cfg = transformer_config(config, params_dtype=params_dtype, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    model = build_gpt_model(config, cfg, padded_vocab=padded, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
+    from deltamoe.megatron_ext.runtime.specs import CONVERSION_SPEC
+
+    model = build_gpt_model(config, cfg, padded_vocab=padded, spec=spec or CONVERSION_SPEC, pre_process=pp_rank == 0,
+                            post_process=pp_rank == pp - 1)
     convert_into(model, reader, hf_config, padded_vocab=padded, source=str(hf_dir))
 
     started = time.time()

@@ -119,7 +119,7 @@ class _WithFlags:
 
 
 def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str = "auto",
-           max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
+           max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, spec: str | None = None) -> Path:
     from deltamoe.megatron_ext.moe.plan import PLAN_FILE, UpcyclePlan
     from deltamoe.megatron_ext.runtime.checkpoint import load_model, read_metadata
     from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
@@ -136,8 +136,12 @@ def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtyp
     init_distributed(ParallelLayout())
     if torch.distributed.get_world_size() != 1:
         raise DeltaMoEError("export runs in one process (torch_dist reshards any saved layout); launch it without torchrun")
+    from deltamoe.megatron_ext.runtime.specs import CONVERSION_SPEC
+
     # Grouped-GEMM training checkpoints load into the sequential-expert model: the torch_dist keys are the same.
-    model, meta = load_model(megatron_dir, spec="local", moe_overrides={"grouped_gemm": False} if meta.moe else None)
+    # load_model also reads checkpoints in the legacy key layout (runtime/checkpoint_layout.py).
+    model, meta = load_model(megatron_dir, spec=spec or CONVERSION_SPEC,
+                             moe_overrides={"grouped_gemm": False} if meta.moe else None)
     # Megatron keeps some tensors (norms) in float32 whatever the model dtype: write everything in one dtype.
     out_dtype = DTYPES[dtype] or getattr(torch, meta.params_dtype)
     hf_config = moe_hf_config(meta.hf_config, MOE_FORMATS[fmt_name], meta.moe) if meta.moe else dict(meta.hf_config)

@@ -132,8 +132,20 @@ INTERVENTIONS: tuple[Intervention, ...] = (
 )
 
 
+_ORIGINALS: dict[str, object] = {}
+"""What this module replaced, by target: the signature check reads megatron's own object, not ours."""
+
+
+def _replace(owner, attribute: str, new, target: str) -> None:
+    _ORIGINALS.setdefault(target, getattr(owner, attribute))
+    setattr(owner, attribute, new)
+
+
 def resolve(target: str):
-    """The object a `module:attr.path` target names; DeltaMoEError naming it when megatron-core lacks it."""
+    """The object a `module:attr.path` target names (megatron's own, if this module replaced it); DeltaMoEError
+    naming it when megatron-core lacks it."""
+    if target in _ORIGINALS:
+        return _ORIGINALS[target]
     module_name, _, path = target.partition(":")
     try:
         obj = importlib.import_module(module_name)
@@ -180,7 +192,7 @@ def disable_dataset_helper_compilation() -> None:
         ) from None
     import megatron.core.datasets.utils as dataset_utils
 
-    dataset_utils.compile_helpers = _already_compiled
+    _replace(dataset_utils, "compile_helpers", _already_compiled, "megatron.core.datasets.utils:compile_helpers")
 
 
 # ---- torch AdamW under the distributed optimizer -----------------------------------------------------------------
@@ -222,8 +234,9 @@ def fix_torch_adam_resume() -> None:
                     state["step"] = torch.tensor(step)
         return result
 
-    distrib_optimizer.DistributedOptimizer.state_dict = state_dict
-    distrib_optimizer.DistributedOptimizer.load_state_dict = load_state_dict
+    target = "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer."
+    _replace(distrib_optimizer.DistributedOptimizer, "state_dict", state_dict, target + "state_dict")
+    _replace(distrib_optimizer.DistributedOptimizer, "load_state_dict", load_state_dict, target + "load_state_dict")
     distrib_optimizer.DistributedOptimizer._deltamoe_fixed = True
 
 

@@ -7,7 +7,8 @@
 | MoE experts | `SequentialMLP` (loop, weight grads for all) | `FrozenAwareGroupedMLP` (grouped GEMM, frozen-aware) |
 
 Linear layers, router, token dispatcher and rotary embeddings are megatron-core's own. Module names (`state_dict`
-keys) and `torch_dist` names are the local spec's, so checkpoints move between the two specs in both directions.
+keys) are the local spec's, and `torch_dist` keys are the Transformer Engine spec's (runtime/checkpoint_layout.py),
+as for DeltaMoE's local spec, so checkpoints move between the specs in every direction.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from megatron.core.transformer.transformer_layer import (
 from deltamoe.megatron_ext.layers.grouped_experts import FrozenAwareGroupedMLP
 from deltamoe.megatron_ext.layers.norm import FastNorm
 from deltamoe.megatron_ext.layers.sdpa_attention import SDPAttention
+from deltamoe.megatron_ext.runtime.checkpoint_layout import te_layout_submodules
 
 
 class FastSpecProvider(LocalSpecProvider):
@@ -47,40 +49,29 @@ class FastSpecProvider(LocalSpecProvider):
             linear_fc1=self.column_parallel_linear(), linear_fc2=self.row_parallel_linear()))
 
 
-# megatron's local spec map: TE's fused layer-norm-linear names for the two norms. (TE's own MoE layers keep a
-# separate `pre_mlp_layernorm.weight`, so a TE-trained MoE checkpoint needs that one name mapped to load here or in the
-# local spec; this spec stays interchangeable with the local spec, which DeltaMoE's CPU paths and exporter use.)
-CHECKPOINT_KEYS_MAP = {
-    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-}
-
-
 def fast_layer_spec(*, num_experts: int | None, moe_grouped_gemm: bool, qk_layernorm: bool) -> ModuleSpec:
     """A `TransformerLayer` spec for GPT decoders (dense when `num_experts` is None, MoE otherwise)."""
     backend = FastSpecProvider()
     norm = backend.layer_norm(rms_norm=True)
     mlp = get_mlp_module_spec_for_backend(backend=backend, num_experts=num_experts,
                                           moe_grouped_gemm=moe_grouped_gemm)
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=backend.column_parallel_linear(),
-                    core_attention=backend.core_attention(),
-                    linear_proj=backend.row_parallel_linear(),
-                    q_layernorm=norm if qk_layernorm else IdentityOp,
-                    k_layernorm=norm if qk_layernorm else IdentityOp,
-                ),
+    submodules = TransformerLayerSubmodules(
+        input_layernorm=norm,
+        self_attention=ModuleSpec(
+            module=SelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=SelfAttentionSubmodules(
+                linear_qkv=backend.column_parallel_linear(),
+                core_attention=backend.core_attention(),
+                linear_proj=backend.row_parallel_linear(),
+                q_layernorm=norm if qk_layernorm else IdentityOp,
+                k_layernorm=norm if qk_layernorm else IdentityOp,
             ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
-            mlp=mlp,
-            mlp_bda=get_bias_dropout_add,
-            sharded_state_dict_keys_map=dict(CHECKPOINT_KEYS_MAP),
         ),
+        self_attn_bda=get_bias_dropout_add,
+        pre_mlp_layernorm=norm,
+        mlp=mlp,
+        mlp_bda=get_bias_dropout_add,
     )
+    return ModuleSpec(module=TransformerLayer,
+                      submodules=te_layout_submodules(submodules, is_moe=num_experts is not None))

@@ -10,6 +10,14 @@ norm-weight gradient is a partial sum. Flagging the parameters `sequence_paralle
 apex's `FusedLayerNorm` set the same flag). The computation is `torch.nn.functional.rms_norm`, i.e. exactly
 `torch.nn.RMSNorm` (RMSNorm: Zhang & Sennrich, 2019, arXiv:1910.07467), so logits equal the local spec's, and
 state-dict keys (`weight`, `bias`) are the same.
+
+Where Transformer Engine's spec has a norm of its own (a `TENorm`: q/k norms, the MoE layer's pre-MLP norm, the
+final norm) rather than one fused into the next linear, `StandaloneFastNorm` also carries an (empty) `_extra_state`
+entry, because TE's RMSNorm is a `transformer_engine.pytorch.ops` BasicOperation whose `get_extra_state` puts one in
+its state dict (TransformerEngine `transformer_engine/pytorch/ops/op.py`, `BasicOperation.get_extra_state`), and
+megatron's `sharded_state_dict_default` turns it into a `ShardedObject` the TE model requests on load. The entry is
+what megatron's own local linears write for the same reason (`ColumnParallelLinear.get_extra_state` returns None,
+"Keep compatibility with TE state dict", megatron/core/tensor_parallel/layers.py).
 """
 
 from __future__ import annotations
@@ -50,10 +58,36 @@ class SequenceParallelLayerNorm(torch.nn.LayerNorm):
         _flag_sequence_parallel(self, config)
 
 
+class _TEExtraState:
+    """An `_extra_state` state-dict entry holding nothing, where TE's norm module keeps its quantizer state."""
+
+    def get_extra_state(self) -> None:
+        return None
+
+    def set_extra_state(self, state) -> None:
+        """TE's state (FP8 scaling metadata, or an empty tensor) has no meaning for a torch norm."""
+
+
+class StandaloneRMSNorm(_TEExtraState, SequenceParallelRMSNorm):
+    """`SequenceParallelRMSNorm` at a place where TE's spec has a `TENorm` of its own."""
+
+
+class StandaloneLayerNorm(_TEExtraState, SequenceParallelLayerNorm):
+    """`SequenceParallelLayerNorm` at a place where TE's spec has a `TENorm` of its own."""
+
+
+def _build(classes, config, hidden_size, eps, kwargs):
+    if config.normalization not in classes:
+        raise DeltaMoEError(f"fast spec norm: normalization must be RMSNorm or LayerNorm, got {config.normalization!r}")
+    return classes[config.normalization](config, hidden_size, eps, **kwargs)
+
+
 def FastNorm(config, hidden_size: int, eps: float = 1e-5, **kwargs):
-    """The megatron `LayerNormBuilder` for the fast spec: picks RMSNorm or LayerNorm from `config.normalization`."""
-    if config.normalization == "RMSNorm":
-        return SequenceParallelRMSNorm(config, hidden_size, eps, **kwargs)
-    if config.normalization == "LayerNorm":
-        return SequenceParallelLayerNorm(config, hidden_size, eps, **kwargs)
-    raise DeltaMoEError(f"fast spec norm: normalization must be RMSNorm or LayerNorm, got {config.normalization!r}")
+    """The megatron `LayerNormBuilder` for a norm TE fuses into the next linear (input and dense pre-MLP norms)."""
+    return _build({"RMSNorm": SequenceParallelRMSNorm, "LayerNorm": SequenceParallelLayerNorm}, config, hidden_size,
+                  eps, kwargs)
+
+
+def StandaloneFastNorm(config, hidden_size: int, eps: float = 1e-5, **kwargs):
+    """The `LayerNormBuilder` for a norm TE keeps as a module of its own (q/k norms, MoE pre-MLP norm, final norm)."""
+    return _build({"RMSNorm": StandaloneRMSNorm, "LayerNorm": StandaloneLayerNorm}, config, hidden_size, eps, kwargs)

@@ -11,9 +11,12 @@ How the frozen experts stay bit-identical: by `requires_grad = False` on their o
 provider *before* megatron wraps the model. Megatron's DDP then leaves them out of its gradient buffers and the
 (distributed) optimizer never sees them, so neither Adam's moments nor decoupled weight decay (which moves a weight
 even when its gradient is zero) can touch them. That needs one tensor per expert, which every expert module DeltaMoE
-uses has: megatron's SequentialMLP (`experts.local_experts.{i}.linear_fc1.weight`), the fast spec's grouped experts
-(the same names) and Transformer Engine's TEGroupedMLP (`experts.linear_fc1.weight{i}`, one GroupedLinear weight per
-GEMM). A gradient mask on a stacked [E, ...] weight was rejected: it would also have to undo weight decay and the
+uses has: megatron's SequentialMLP (`experts.local_experts.{i}.linear_fc1.weight`) and the fast spec's grouped
+experts (the same names), on local or TE linears. Transformer Engine's TEGroupedMLP has one GroupedLinear weight per
+GEMM (`experts.linear_fc1.weight{i}`) but decides weight gradients for all of them from `weight0.requires_grad`
+(TE `_GroupedLinear`), so a frozen expert 0 would silently stop its rank's other experts from training: the TE spec
+therefore builds DeltaMoE's experts on TE linears (runtime/specs.py), and a GroupedLinear whose weights are frozen
+differently is refused here. A gradient mask on a stacked [E, ...] weight was rejected: it would also have to undo weight decay and the
 moment updates every step, and with the distributed optimizer the fp32 master shard would still drift. So a stacked
 layout (TE's `moe_single_grouped_weight`) is refused with an error instead of silently training expert 0.
 
@@ -101,6 +104,23 @@ def apply_stage_freezing(model_chunks, *, stage: int, frozen_experts, num_expert
                 report.trainable_numel += param.numel()
             else:
                 report.frozen_numel += param.numel()
+    _check_grouped_linears(chunks)
     if not any("router" in n for n in report.trainable) and report.trainable + report.frozen:
         raise DeltaMoEError("stage freezing found no router parameter: is this checkpoint an upcycled MoE?")
     return report
+
+
+def _check_grouped_linears(chunks) -> None:
+    """A TE GroupedLinear (weights `weight0..weight{n-1}`) must be frozen all or none (see the module docstring)."""
+    groups: dict[str, set[bool]] = {}
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            match = _TE_GROUPED.search(name)
+            if match:
+                groups.setdefault(name[: match.start(1)], set()).add(param.requires_grad)
+    mixed = sorted(prefix for prefix, flags in groups.items() if len(flags) > 1)
+    if mixed:
+        raise DeltaMoEError(
+            f"{mixed[0]}*: a Transformer Engine GroupedLinear holds frozen and trainable experts; TE computes weight "
+            "gradients for all its experts or none (from weight0), so the trainable ones would not train. Build the "
+            "MoE layers with DeltaMoE's experts (--deltamoe-layer-spec te or fast) instead of megatron's TEGroupedMLP")

@@ -59,13 +59,17 @@ def checkpoint_sha256(folder: str | Path) -> dict[str, str]:
 
 def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, variant: str = "copy",
             granularity: int = 1, router_init: str = "normal", router_init_std: float = 0.02, noise_std: float = 0.0,
-            seed: int = 0, expert_parallel_size: int = 1, overwrite: bool = False) -> Path:
-    """Load the dense checkpoint, transform its state dict, load it strictly into the MoE model and save both."""
+            seed: int = 0, expert_parallel_size: int = 1, overwrite: bool = False, spec: str | None = None) -> Path:
+    """Load the dense checkpoint, transform its state dict, load it strictly into the MoE model and save both.
+
+    `spec`: the module tree both models are built with (default specs.CONVERSION_SPEC); the files do not depend on it.
+    """
     from deltamoe.architectures import read_architecture_config
     from deltamoe.common.hf_folder import copy_tokenizer_files
     from deltamoe.megatron_ext.runtime.checkpoint import CheckpointMetadata, load_model, read_metadata, save_checkpoint
     from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
     from deltamoe.megatron_ext.runtime.model_builder import build_gpt_model, transformer_config
+    from deltamoe.megatron_ext.runtime.specs import CONVERSION_SPEC
 
     started = time.time()
     dense = Path(dense)
@@ -87,7 +91,8 @@ def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, 
     # The HF files the dense checkpoint was imported from identify the base model B for `deltamoe graft`, which checks
     # them against --base; without an import record, the Megatron files themselves are hashed.
     plan.base_sha256 = dict(meta.source.get("sha256") or {}) or checkpoint_sha256(dense)
-    dense_model, meta = load_model(dense)
+    spec = spec or CONVERSION_SPEC
+    dense_model, meta = load_model(dense, spec=spec)
     dense_sd = dense_model.state_dict()
     check_dense(dense_sd, source=str(dense))
     moe_sd = upcycle_state_dict(dense_sd, plan, arch_config.num_layers)
@@ -96,9 +101,8 @@ def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, 
     settings = moe_settings_for(plan)
     params_dtype = getattr(torch, meta.params_dtype)
     cfg = transformer_config(arch_config, moe=settings, params_dtype=params_dtype)
-    # The trainer's default spec, so the torch_dist keys are the ones training loads (specs.py keeps the specs'
-    # checkpoint keys interchangeable).
-    model = build_gpt_model(arch_config, cfg, padded_vocab=meta.padded_vocab_size)
+    # Every spec writes the TE spec's torch_dist keys (runtime/checkpoint_layout.py), so training loads this under any.
+    model = build_gpt_model(arch_config, cfg, padded_vocab=meta.padded_vocab_size, spec=spec)
     load_strict(model, moe_sd)
 
     out_meta = CheckpointMetadata(
@@ -117,7 +121,7 @@ def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, 
 
 def load_strict(model, state: dict[str, torch.Tensor]) -> None:
     """load_state_dict, strict on every tensor (megatron's `_extra_state` entries carry no weights)."""
-    expected = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    expected = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and not k.endswith("._extra_state")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -22,6 +22,7 @@ import torch
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import versions
 from deltamoe.megatron_ext.internals import in_process_write_results
+from deltamoe.megatron_ext.runtime.checkpoint_layout import checkpoint_keys, fit_request_to_checkpoint
 
 METADATA_FILE = "deltamoe.json"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -100,7 +101,7 @@ def save_checkpoint(model, folder: str | os.PathLike, metadata: CheckpointMetada
     torch.distributed.barrier()
 
 
-def load_model(folder: str | os.PathLike, *, spec: str = "auto", params_dtype: torch.dtype | None = None,
+def load_model(folder: str | os.PathLike, *, spec: str = "local", params_dtype: torch.dtype | None = None,
                moe_overrides: dict | None = None, **parallel):
     """Build the checkpoint's model in the current parallel state and load its weights (resharding as needed)."""
     from megatron.core import dist_checkpointing, parallel_state
@@ -119,6 +120,12 @@ def load_model(folder: str | os.PathLike, *, spec: str = "auto", params_dtype: t
     model = build_gpt_model(arch_config, cfg, padded_vocab=meta.padded_vocab_size, spec=spec)
     sharded_metadata = {**_sharded_metadata(), "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     sharded = model.sharded_state_dict(metadata=sharded_metadata)
-    loaded = dist_checkpointing.load({"model": sharded}, str(checkpoint_dir(folder)))
-    model.load_state_dict(loaded["model"], strict=True)
+    torch_dist_dir = checkpoint_dir(folder)
+    # Reads the current (TE-spec) key layout and DeltaMoE's legacy one (runtime/checkpoint_layout.py).
+    fit_request_to_checkpoint(sharded, checkpoint_keys(torch_dist_dir), source=str(torch_dist_dir))
+    state = dist_checkpointing.load({"model": sharded}, str(torch_dist_dir))["model"]
+    # Extra state no checkpoint holds (absent in legacy checkpoints; TE's core attention never writes its own) is
+    # empty: TE modules and megatron's linears take None as "no quantizer state", as Megatron-LM's loader does.
+    state.update({k: None for k in model.state_dict() if k.endswith("._extra_state") and k not in state})
+    model.load_state_dict(state, strict=True)
     return model, meta

@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     from deltamoe.megatron_ext.internals import disable_dataset_helper_compilation, fix_torch_adam_resume
     from deltamoe.megatron_ext.moe.plan import UpcyclePlan
     from deltamoe.megatron_ext.runtime import cpu_compat
-    from deltamoe.megatron_ext.runtime.checkpoint import read_metadata
+    from deltamoe.megatron_ext.runtime.checkpoint import TRACKER_FILE, read_metadata
+    from deltamoe.megatron_ext.runtime.checkpoint_layout import check_trainer_can_load
     from deltamoe.megatron_ext.training.flags import _argv_value, add_deltamoe_arguments, checkpoint_folder
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -268,6 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     _State.meta = read_metadata(source)
     _, _State.arch = read_architecture_config(_State.meta.hf_config, source=str(source / "deltamoe.json"))
     _State.plan = UpcyclePlan.load(source) if _State.meta.is_moe else None
+    # The checkpoint Megatron will read: --load when it holds iterations (resume), else --pretrained-checkpoint.
+    resuming = _argv_value(argv, "--load") and (Path(_argv_value(argv, "--load")) / TRACKER_FILE).exists()
+    flag = "--load" if resuming else "--pretrained-checkpoint"
+    if _argv_value(argv, flag):
+        check_trainer_can_load(_argv_value(argv, flag), is_moe=_State.meta.is_moe, flag=flag)
     sys.argv = [sys.argv[0], *default_flags(argv, _State.meta, _State.arch, int(stage)), *argv]
 
     from megatron.training import pretrain
