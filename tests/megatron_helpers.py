@@ -21,11 +21,23 @@ def megatron_logits(model, input_ids: torch.Tensor, vocab_size: int) -> torch.Te
     return logits[..., :vocab_size].float()
 
 
-def hf_logits(folder, input_ids: torch.Tensor) -> torch.Tensor:
+def load_hf_strict(folder, *, dtype: torch.dtype = torch.float32, **kwargs):
+    """AutoModelForCausalLM.from_pretrained that fails on any missing, unexpected or mismatched tensor.
+
+    transformers only logs those and initialises what is missing (a zero bias, a unit norm), which can hide a
+    conversion that dropped or invented a tensor; every test loads HF models through here.
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.eval()
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True, **kwargs)
+    problems = {key: sorted(map(str, value))[:5] for key, value in info.items() if value}
+    assert not problems, f"{folder}: loading is not strict: {problems}"
+    return model.eval()
+
+
+def hf_logits(folder, input_ids: torch.Tensor, **config_overrides) -> torch.Tensor:
+    """float32 logits of an HF folder, loaded strictly (load_hf_strict)."""
+    model = load_hf_strict(folder, **config_overrides)
     with torch.no_grad():
         return model(input_ids).logits.float()
 

@@ -14,7 +14,7 @@ from deltamoe.converters.megatron_to_hf import export
 from deltamoe.converters.safetensors_io import SafetensorsReader
 from deltamoe.megatron_ext.runtime.checkpoint import load_model
 from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
-from tests.megatron_helpers import REPO, hf_logits, megatron_logits, run_torchrun
+from tests.megatron_helpers import REPO, hf_logits, load_hf_strict, megatron_logits, run_torchrun
 from tests.tiny_models import ARCHITECTURES, make_tiny_hf
 
 INPUT = torch.tensor([[3, 17, 99, 5, 64, 8, 127, 42, 11, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
@@ -60,9 +60,7 @@ def test_llama3_rope_scaling_matches(tmp_path):
 
 def test_bfloat16_checkpoint_keeps_dtype(tmp_path):
     hf = make_tiny_hf("qwen2", tmp_path / "hf")
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).save_pretrained(tmp_path / "hf_bf16")
+    load_hf_strict(hf, dtype=torch.bfloat16).save_pretrained(tmp_path / "hf_bf16")
     import_hf(tmp_path / "hf_bf16", tmp_path / "megatron")
     export(tmp_path / "megatron", tmp_path / "back")
     before, after = SafetensorsReader(tmp_path / "hf_bf16").read_all(), SafetensorsReader(tmp_path / "back").read_all()

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 
 SCRIPT = """
 import sys, torch
-from transformers import AutoModelForCausalLM
+from tests.megatron_helpers import load_hf_strict
 from deltamoe.converters.hf_to_megatron import import_hf
 from deltamoe.megatron_ext.runtime.checkpoint import load_model
 if __name__ == "__main__":
@@ -28,7 +28,7 @@ if __name__ == "__main__":
     pos = torch.arange(16, device="cuda").unsqueeze(0).expand(2, 16)
     with torch.no_grad():
         ours = model(ids, pos, None)[..., :128].float()
-        ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).cuda().eval()(ids).logits.float()
+        ref = load_hf_strict(hf).cuda()(ids).logits.float()
     # TF32 off on both sides so float32 means float32.
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     print("GPU_PARITY_OK", torch.cuda.get_device_name(0), (ours - ref).abs().max().item())

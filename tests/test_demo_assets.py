@@ -316,9 +316,11 @@ def test_real_demo_data_counts(real_assets):
 @pytest.mark.slow
 def test_real_model_says_paris(real_assets):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(real_assets.model_dir)
+    from tests.megatron_helpers import load_hf_strict
+
+    model = load_hf_strict(real_assets.model_dir, dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(real_assets.model_dir)
     assert model.dtype == torch.float32 and model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
     inputs = tokenizer("The capital of France is", return_tensors="pt")

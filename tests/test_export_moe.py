@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -30,8 +31,9 @@ def megatron_process():
     init_distributed(ParallelLayout())
 
 
-def random_moe_checkpoint(tmp_path, arch: str, moe: MoESettings, seed: int = 0):
-    hf = make_tiny_hf(arch, tmp_path / "dense-hf")
+def random_moe_checkpoint(tmp_path, arch: str, moe: MoESettings, seed: int = 0, **hf_overrides):
+    source, overrides = SOURCES.get(arch, (arch, {}))
+    hf = make_tiny_hf(source, tmp_path / "dense-hf", **{**overrides, **hf_overrides})
     hf_config = read_config(hf)
     torch.manual_seed(seed)
     _, model = model_from_hf_config(hf_config, moe=moe)
@@ -50,35 +52,142 @@ def random_moe_checkpoint(tmp_path, arch: str, moe: MoESettings, seed: int = 0):
     return folder, model
 
 
-@pytest.mark.parametrize(
-    "arch, fmt, moe",
-    [
-        ("llama", "MixtralForCausalLM", MoESettings(num_experts=4, topk=2)),
-        ("llama_tied", "MixtralForCausalLM", MoESettings(num_experts=3, topk=2)),
-        ("qwen2", "Qwen2MoeForCausalLM", MoESettings(num_experts=4, topk=2)),
-        ("qwen2", "Qwen2MoeForCausalLM", MoESettings(num_experts=4, topk=2, ffn_hidden_size=48,
-                                                     shared_expert_intermediate_size=96, shared_expert_gate=True)),
-        ("llama", "Qwen2MoeForCausalLM", MoESettings(num_experts=4, topk=2, ffn_hidden_size=48,
-                                                     shared_expert_intermediate_size=96, shared_expert_gate=False)),
-        ("qwen3", "Qwen3MoeForCausalLM", MoESettings(num_experts=6, topk=2)),
-    ],
-    ids=["mixtral", "mixtral-tied", "qwen2_moe", "qwen2_moe-shared", "llama-shared-ungated", "qwen3_moe"],
-)
-def test_export_logits_match_megatron(tmp_path, arch, fmt, moe):
-    folder, model = random_moe_checkpoint(tmp_path, arch, moe)
+# The source architectures of the (architecture x format x variant) table: every feature an HF MoE format may lack.
+SOURCES = {
+    "llama": ("llama", {"head_dim": 24}),              # untied, head_dim != hidden / heads
+    "llama_tied": ("llama_tied", {}),
+    "llama_bias": ("llama", {"attention_bias": True}),  # q/k/v biases (the Megatron model has no o_proj bias)
+    "qwen2": ("qwen2", {}),                             # q/k/v biases
+    "qwen3": ("qwen3", {"head_dim": 24}),               # q/k norms, head_dim != hidden / heads
+}
+VARIANTS = {
+    "copy": MoESettings(num_experts=4, topk=2),
+    "shared": MoESettings(num_experts=4, topk=2, ffn_hidden_size=48, shared_expert_intermediate_size=96,
+                          shared_expert_gate=True),
+}
+EXACT = "exact"
+NO_QK_NORM_IN_QWEN3 = "Qwen3-MoE always applies RMSNorm to queries and keys"
+# (architecture, format) -> outcome for the copy variant; the shared variant adds "no shared expert" where the format
+# has none (Mixtral, Qwen3-MoE).
+OUTCOMES = {
+    ("llama", "mixtral"): EXACT, ("llama", "qwen2_moe"): EXACT, ("llama", "qwen3_moe"): NO_QK_NORM_IN_QWEN3,
+    ("llama_tied", "mixtral"): EXACT, ("llama_tied", "qwen2_moe"): EXACT, ("llama_tied", "qwen3_moe"): NO_QK_NORM_IN_QWEN3,
+    ("llama_bias", "mixtral"): "Mixtral has no attention biases, and this Llama model has q/k/v biases",
+    ("llama_bias", "qwen2_moe"): EXACT,
+    ("llama_bias", "qwen3_moe"): "Qwen3-MoE's attention_bias biases o_proj as well as q/k/v",
+    ("qwen2", "mixtral"): "Mixtral has no attention biases, and this Qwen2 model has q/k/v biases",
+    ("qwen2", "qwen2_moe"): EXACT, ("qwen2", "qwen3_moe"): "Qwen3-MoE's attention_bias biases o_proj as well as q/k/v",
+    ("qwen3", "mixtral"): "Mixtral has no q/k norms", ("qwen3", "qwen2_moe"): "Qwen2-MoE has no q/k norms",
+    ("qwen3", "qwen3_moe"): EXACT,
+}
+HF_ARCHITECTURE = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def expected_outcome(arch: str, fmt: str, variant: str) -> str:
+    outcome = OUTCOMES[(arch, fmt)]
+    if variant == "shared" and fmt != "qwen2_moe":
+        name = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3-MoE"}[fmt]
+        return f"{name} has no shared expert" if outcome == EXACT else outcome
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One random Megatron MoE checkpoint per (architecture, variant), built on first use and shared by the formats."""
+    made = {}
+
+    def get(arch: str, variant: str):
+        if (arch, variant) not in made:
+            made[(arch, variant)] = random_moe_checkpoint(tmp_path_factory.mktemp(f"{arch}-{variant}"), arch,
+                                                          VARIANTS[variant])
+        return made[(arch, variant)]
+    return get
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("arch, fmt", sorted(OUTCOMES))
+def test_every_architecture_format_pair_exports_exactly_or_is_refused(checkpoints, tmp_path, arch, fmt, variant):
+    """Exact: the HF model (loaded strictly: no tensor missing or left over) gives the Megatron model's float32 logits.
+    Refused: one DeltaMoEError naming what the format cannot hold, before anything is written."""
+    outcome = expected_outcome(arch, fmt, variant)
+    folder, model = checkpoints(arch, variant)
+    out = tmp_path / "hf-moe"
+    if outcome != EXACT:
+        with pytest.raises(DeltaMoEError, match=re.escape(outcome)):
+            export(folder, out, fmt=fmt)
+        assert not out.exists() and not list(tmp_path.glob(".hf-moe*"))
+        return
+    export(folder, out, fmt=fmt)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [HF_ARCHITECTURE[fmt]]
+    assert config["head_dim"] == (24 if arch in ("llama", "qwen3") else 16)
+    if fmt == "qwen2_moe":
+        assert config["qkv_bias"] is (arch in ("llama_bias", "qwen2"))
+    torch.testing.assert_close(hf_logits(out, INPUT), megatron_logits(model, INPUT, 128))
+    card = (out / "README.md").read_text()
+    assert "routes every token by the router alone" in card
+
+
+@pytest.mark.parametrize("arch, variant, fmt", [("llama", "copy", "mixtral"), ("llama", "shared", "qwen2_moe"),
+                                                ("llama_bias", "copy", "qwen2_moe"), ("qwen2", "shared", "qwen2_moe"),
+                                                ("qwen3", "copy", "qwen3_moe")])
+def test_auto_format_is_the_first_that_holds_the_model(checkpoints, arch, variant, fmt):
+    from deltamoe.architectures import read_architecture_config
+    from deltamoe.architectures.moe import choose_format
+    from deltamoe.megatron_ext.runtime.checkpoint import read_metadata
+
+    folder, _ = checkpoints(arch, variant)
+    meta = read_metadata(folder)
+    assert choose_format("auto", read_architecture_config(meta.hf_config)[1], meta.moe) == fmt
+
+
+def test_export_logits_match_megatron_for_an_ungated_shared_expert(tmp_path):
+    """An ungated Megatron shared expert becomes Qwen2-MoE's gated one: zero gate, doubled down-projection."""
+    moe = MoESettings(num_experts=4, topk=2, ffn_hidden_size=48, shared_expert_intermediate_size=96,
+                      shared_expert_gate=False)
+    folder, model = random_moe_checkpoint(tmp_path, "llama", moe)
     export(folder, tmp_path / "hf-moe")
-    config = json.loads((tmp_path / "hf-moe" / "config.json").read_text())
-    assert config["architectures"] == [fmt]
-    expected = megatron_logits(model, INPUT, 128)
-    torch.testing.assert_close(hf_logits(tmp_path / "hf-moe", INPUT), expected)
+    assert json.loads((tmp_path / "hf-moe" / "config.json").read_text())["architectures"] == ["Qwen2MoeForCausalLM"]
+    torch.testing.assert_close(hf_logits(tmp_path / "hf-moe", INPUT), megatron_logits(model, INPUT, 128))
 
 
-def test_export_refuses_unmatched_format(tmp_path):
-    folder, _ = random_moe_checkpoint(tmp_path, "qwen3", MoESettings(num_experts=4, topk=2, shared_expert_intermediate_size=96,
-                                                                     shared_expert_gate=True))
-    with pytest.raises(DeltaMoEError, match="shared-expert variant of a Qwen3 model has no HF format"):
+def test_auto_refuses_the_shared_variant_of_qwen3(checkpoints, tmp_path):
+    folder, _ = checkpoints("qwen3", "shared")
+    with pytest.raises(DeltaMoEError, match="no HF MoE format holds this model: Qwen3-MoE has no shared expert"):
         export(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch, fmt", [("qwen3", "qwen3_moe"), ("qwen2", "qwen2_moe"), ("llama", "auto")])
+def test_routing_without_renormalisation_exports_as_norm_topk_prob_false(tmp_path, arch, fmt):
+    """--moe-router-pre-softmax (recorded as router_pre_softmax) is Qwen-MoE's norm_topk_prob: false; Mixtral always
+    renormalises, so a Llama goes to Qwen2-MoE under --format auto and --format mixtral is refused."""
+    moe = MoESettings(num_experts=4, topk=2, router_pre_softmax=True)
+    folder, model = random_moe_checkpoint(tmp_path, arch, moe)
+    export(folder, tmp_path / "hf-moe", fmt=fmt)
+    config = json.loads((tmp_path / "hf-moe" / "config.json").read_text())
+    assert config["norm_topk_prob"] is False
+    assert config["architectures"] == [HF_ARCHITECTURE[fmt if fmt != "auto" else "qwen2_moe"]]
+    expected = megatron_logits(model, INPUT, 128)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf-moe", INPUT), expected)
+    # The flag matters: renormalised routing computes something else.
+    assert not torch.allclose(hf_logits(tmp_path / "hf-moe", INPUT, norm_topk_prob=True), expected, atol=1e-4)
+    if arch == "llama":
+        with pytest.raises(DeltaMoEError, match="Mixtral always renormalises the top-k routing weights"):
+            export(folder, tmp_path / "mixtral", fmt="mixtral")
+
+
+def test_model_card_says_a_by_language_mask_was_training_only():
+    from deltamoe.converters.megatron_to_hf import model_card
+
+    meta = CheckpointMetadata(hf_config={}, padded_vocab_size=128, moe={"num_experts": 6, "topk": 2},
+                              source={"training": {"stage1": {"expert_allocation": "by-language"},
+                                                   "stage2": {"expert_allocation": "learned"}}})
+    card = model_card(meta, "mixtral", {})
+    assert "routes every token by the router alone" in card and "renormalised to sum to 1" in card
+    assert "Training (stage1) masked each token's router to its language's experts" in card
+    assert "not part of this model" in card
+    assert "without renormalising" in model_card(meta, "qwen3_moe", {"norm_topk_prob": False})
 
 
 RESAVE_EP2 = """

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from deltamoe.cli import main as cli_main
 from deltamoe.common.errors import DeltaMoEError
@@ -19,7 +18,9 @@ from deltamoe.converters.graft import graft
 from deltamoe.converters.hf_upcycle import upcycle_hf
 from deltamoe.converters.merge import merge_models
 from deltamoe.converters.safetensors_io import SafetensorsReader
-from deltamoe.megatron_ext.moe.plan import PLAN_FILE, ExpertSource, UpcyclePlan, copy_plan
+from deltamoe.megatron_ext.moe.plan import PLAN_FILE, UpcyclePlan, copy_plan
+from deltamoe.megatron_ext.moe.upcycle import build_plan
+from tests.megatron_helpers import load_hf_strict
 from tests.tiny_models import make_tiny_hf
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -54,10 +55,8 @@ def make_triple(tmp_path: Path, arch: str, *, plan: UpcyclePlan = PLAN, extra_ro
 
 
 def logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():
-        return model.eval()(ids).logits
+        return load_hf_strict(folder)(ids).logits
 
 
 IDS = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -163,12 +162,38 @@ def test_tied_embeddings(tmp_path):
 
 
 def test_shared_variant_graft_gives_post_logits(tmp_path):
-    plan = UpcyclePlan(variant="shared", num_experts=3, topk=2, ffn_hidden_size=96, frozen_experts=[],
-                       routed_experts=[ExpertSource(ffn_start=0, ffn_stop=96, fc2_scale=0.0) for _ in range(3)],
-                       shared_expert=ExpertSource(ffn_start=0, ffn_stop=96))
+    plan = build_plan(variant="shared", num_experts=4, topk=2, ffn_hidden_size=96, granularity=2, router_init="zeros")
     base, post, moe = make_triple(tmp_path, "qwen2", plan=plan)
     graft(base=base, post=post, moe=moe, out=tmp_path / "O")
     torch.testing.assert_close(logits(tmp_path / "O", IDS), logits(post, IDS))
+
+
+@pytest.mark.slow
+def test_megatron_shared_variant_upcycle_export_graft_gives_post_logits(tmp_path):
+    """The shared variant end to end, the way a user runs it: `deltamoe import` a Llama, `deltamoe upcycle --variant
+    shared --granularity 2` in Megatron, `deltamoe export` (Qwen2-MoE, the one format with a shared expert, without
+    qkv biases), `deltamoe graft`: at step 0 the grafted MoE gives I's logits. One fc2_scale convention carries the
+    shared expert's factor 2 from the Megatron plan through export to graft."""
+    from deltamoe.converters.hf_to_megatron import import_hf
+    from deltamoe.converters.megatron_to_hf import export
+    from deltamoe.megatron_ext.moe.upcycle_cli import upcycle
+
+    base = make_tiny_hf("llama", tmp_path / "B", seed=1)
+    post = perturbed_copy(base, tmp_path / "I")
+    dense = import_hf(base, tmp_path / "dense")
+    moe = upcycle(dense, tmp_path / "moe", num_experts=4, topk=2, variant="shared", granularity=2)
+    hf_moe = export(moe, tmp_path / "M")
+    config = json.loads((hf_moe / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2MoeForCausalLM"] and config["qkv_bias"] is False
+    assert config["moe_intermediate_size"] == 48 and config["shared_expert_intermediate_size"] == 96
+    plan = UpcyclePlan.load(hf_moe)
+    assert plan == UpcyclePlan.load(moe) and plan.shared_expert.fc2_scale == 2.0
+    torch.testing.assert_close(logits(hf_moe, IDS), logits(base, IDS))  # the upcycled MoE is B at step 0
+    out = tmp_path / "O"
+    manifest = graft(base=base, post=post, moe=hf_moe, out=out)
+    assert manifest["base_check"] == "sha256 of base files match the plan"
+    torch.testing.assert_close(logits(out, IDS), logits(post, IDS))
+    assert "router alone" in (out / "README.md").read_text()
 
 
 # ---- bad input: one DeltaMoEError naming the culprit, and no output left behind --------------------------------------

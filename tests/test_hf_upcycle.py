@@ -7,13 +7,14 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.converters.hf_moe_layout import FORMATS, TensorRole, dense_ffn_name, parse_moe_name
 from deltamoe.converters.hf_upcycle import upcycle_hf
 from deltamoe.converters.safetensors_io import SafetensorsReader
-from deltamoe.megatron_ext.moe.plan import ExpertSource, UpcyclePlan, copy_plan
+from deltamoe.megatron_ext.moe.plan import UpcyclePlan, copy_plan
+from deltamoe.megatron_ext.moe.upcycle import build_plan
+from tests.megatron_helpers import load_hf_strict
 from tests.tiny_models import make_tiny_hf
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -21,17 +22,16 @@ EXPECTED_FORMAT = {"llama": "mixtral", "llama_tied": "mixtral", "qwen2": "qwen2_
 
 
 def logits(folder, ids):
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model = load_hf_strict(folder)
     with torch.no_grad():
-        return model.eval()(ids).logits, model
+        return model(ids).logits, model
 
 
-def shared_plan(ffn: int) -> UpcyclePlan:
-    """The FFN as an always-on shared expert; routed experts start as FFN copies with a zero down projection."""
-    return UpcyclePlan(variant="shared", num_experts=3, topk=2, ffn_hidden_size=ffn, frozen_experts=[],
-                       routed_experts=[ExpertSource(ffn_start=0, ffn_stop=ffn, fc2_scale=0.0) for _ in range(3)],
-                       shared_expert=ExpertSource(ffn_start=0, ffn_stop=ffn))
+def shared_plan(ffn: int, granularity: int = 1) -> UpcyclePlan:
+    """The plan `deltamoe upcycle --variant shared` writes: the FFN as an always-on shared expert (fc2_scale 2 against
+    its zero gate), routed experts FFN slices with a zero down projection."""
+    return build_plan(variant="shared", num_experts=3 * granularity, topk=2, ffn_hidden_size=ffn,
+                      granularity=granularity, router_init="zeros")
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama_tied", "qwen2", "qwen3"])
@@ -56,18 +56,21 @@ def test_renormalisation_is_what_makes_it_exact(tmp_path):
     assert json.loads((moe / "config.json").read_text())["norm_topk_prob"] is True
     ids = torch.randint(0, 128, (1, 11), generator=torch.Generator().manual_seed(0))
     want, _ = logits(dense, ids)
-    model = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32, norm_topk_prob=False).eval()
+    model = load_hf_strict(moe, norm_topk_prob=False)
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, want, atol=1e-3)
 
 
-def test_qwen2_moe_shared_variant_gives_dense_logits(tmp_path):
+@pytest.mark.parametrize("granularity", [1, 2])
+def test_qwen2_moe_shared_variant_gives_dense_logits(tmp_path, granularity):
     dense = make_tiny_hf("qwen2", tmp_path / "dense", seed=2)
-    moe = upcycle_hf(dense, tmp_path / "moe", shared_plan(96))
+    moe = upcycle_hf(dense, tmp_path / "moe", shared_plan(96, granularity))
     ids = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logits(moe, ids)[0], logits(dense, ids)[0])
-    # The saved plan describes the HF tensors: the shared down_proj carries 1 / sigmoid(0) = 2.
+    # One fc2_scale convention with the Megatron upcycle: the plan describes the tensors of its folder, and the plan
+    # given is the plan saved (the shared down_proj carries 1 / sigmoid(0) = 2, the routed ones 0).
     assert UpcyclePlan.load(moe).shared_expert.fc2_scale == 2.0
+    assert UpcyclePlan.load(moe).routed_experts == shared_plan(96, granularity).routed_experts
     reader, dense_reader = SafetensorsReader(moe), SafetensorsReader(dense)
     assert torch.equal(reader.get("model.layers.0.mlp.shared_expert.down_proj.weight"),
                        2 * dense_reader.get("model.layers.0.mlp.down_proj.weight"))
@@ -88,9 +91,14 @@ def test_upcycle_refuses_bad_plans(tmp_path):
         upcycle_hf(dense, tmp_path / "a", copy_plan(num_experts=2, topk=1, ffn_hidden_size=64))
     with pytest.raises(DeltaMoEError, match="mixtral has none"):
         upcycle_hf(dense, tmp_path / "b", shared_plan(96))
+    qwen2 = make_tiny_hf("qwen2", tmp_path / "dense-qwen2")
+    halved = shared_plan(96)
+    halved.shared_expert.fc2_scale = 1.0  # the old convention: would compute FFN / 2
+    with pytest.raises(DeltaMoEError, match="must be the whole FFN with fc2_scale 2.0"):
+        upcycle_hf(qwen2, tmp_path / "e", halved)
     with pytest.raises(DeltaMoEError, match="upcycles to mixtral, not qwen3_moe"):
         upcycle_hf(dense, tmp_path / "c", copy_plan(num_experts=2, topk=1, ffn_hidden_size=96), fmt="qwen3_moe")
-    assert not any(p.name.startswith((".a", ".b", ".c", "a", "b", "c")) for p in tmp_path.iterdir())
+    assert not any(p.name.startswith((".a", ".b", ".c", ".e", "a", "b", "c", "e")) for p in tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))

@@ -39,6 +39,12 @@ def test_both_arms_share_the_upcycled_model_and_train_apart(both):
     assert names.count("upcycle") == 1 and names[-1] == "report"
 
     upcycled = str(stages["upcycle"].output)
+    # Every upcycle setting of the recipe reaches the command (the shared variant's granularity included).
+    upcycle = recipe.arms[0].stage1.upcycle
+    command = stages["upcycle"].command
+    assert [_flag(command, f) for f in ("--num-experts", "--topk", "--variant", "--granularity", "--expert-parallel-size")] \
+        == [str(upcycle.num_experts), str(upcycle.topk), upcycle.variant, str(upcycle.granularity),
+            str(recipe.arms[0].stage1.parallel.expert_model_parallel_size)]
     learned, by_language = stages["stage1"].command, stages["stage1:by-language"].command
     assert _flag(learned, "--pretrained-checkpoint") == _flag(by_language, "--pretrained-checkpoint") == upcycled
     assert _flag(learned, "--expert-allocation") == "learned" and _flag(by_language, "--expert-allocation") == "by-language"

@@ -83,13 +83,15 @@ def test_demo_pipeline_end_to_end_killed_in_stage1_and_resumed(tmp_path):
         assert manifest["stages"][name]["metrics"]["log_rows"] >= 1, name
     by_language_log = log[log.index("=== stage1:by-language:"): log.index("=== stage2:by-language:")]
     assert "--expert-allocation by-language" in by_language_log and "iteration        2/       2" in by_language_log
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from tests.megatron_helpers import load_hf_strict
 
     moes = ("deltamoe", "deltamoe-by-language")
     for label in moes:
         moe_config = AutoConfig.from_pretrained(workdir / label)
         assert moe_config.architectures == ["MixtralForCausalLM"] and moe_config.num_local_experts == 6
-        model = AutoModelForCausalLM.from_pretrained(workdir / label, dtype=torch.float32)
+        model = load_hf_strict(workdir / label)
         assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
         graft = json.loads((workdir / label / "deltamoe_graft.json").read_text())
         assert graft["inputs"]["post"]["path"].endswith("post-sft")

@@ -207,3 +207,42 @@ def test_dockerfile_pins_agree_with_pyproject():
     wanted.pop("torch")
     assert installed == wanted
     assert installed["megatron-core"] == "==0.19.2"
+
+
+# ---------------------------------------------------------------------------------------------------- upcycle combinations
+def _upcycled(recipe, **upcycle):
+    return dataclasses.replace(recipe, upcycle=dataclasses.replace(recipe.upcycle, **upcycle))
+
+
+def test_combinations_upcycle_or_export_would_refuse_are_refused_by_the_recipe():
+    """Exact or refused, before anything runs: what `deltamoe upcycle`, the trainer or `deltamoe export` would refuse."""
+    qwen3_stage1 = get_recipe("qwen3_8b_stage1_cpt_8gpu_h100_bf16")
+    with pytest.raises(DeltaMoEError, match=r"upcycle\.variant 'shared' of a qwen3 model: no Hugging Face MoE format "
+                                            r"could hold the result \(Qwen3-MoE has no shared expert"):
+        _upcycled(qwen3_stage1, variant="shared", granularity=2)
+    llama_stage1 = get_recipe("llama3_1_8b_stage1_cpt_8gpu_h100_bf16")
+    assert _upcycled(llama_stage1, variant="shared", granularity=2).upcycle.variant == "shared"  # -> Qwen2-MoE
+    llama_stage2 = get_recipe("llama3_1_8b_stage2_review_8gpu_h100_bf16")
+    with pytest.raises(DeltaMoEError, match=r"train\.lpr_loss_coeff \(0\.1\) with upcycle\.variant 'shared'"):
+        _upcycled(llama_stage2, variant="shared", granularity=2)
+    shared_review = dataclasses.replace(_upcycled(llama_stage1, variant="shared", granularity=2),
+                                        train=dataclasses.replace(llama_stage2.train, lpr_loss_coeff=0.0))
+    assert shared_review.train.lpr_loss_coeff == 0.0
+    with pytest.raises(DeltaMoEError, match="gives routed experts to original language 'en'"):
+        dataclasses.replace(shared_review, train=dataclasses.replace(
+            shared_review.train, allocation_loss_coeff=0.1, expert_allocation_map={"en": [0, 1], "el": [2, 3]}))
+    with pytest.raises(DeltaMoEError, match="upcycle.topk 1 is refused"):
+        _upcycled(llama_stage1, topk=1)
+    with pytest.raises(DeltaMoEError, match=r"upcycle\.granularity \(2\) applies to the shared variant"):
+        _upcycled(llama_stage1, granularity=2)
+
+
+def test_router_losses_use_the_papers_gamma():
+    stage2 = to_megatron_args(get_recipe("qwen2_5_7b_stage2_review_8gpu_h100_bf16"))
+    assert flag(stage2, "--router-loss-layer-reduction") == "mean" and flag(stage2, "--lpr-loss-coeff") == "0.1"
+    assert flag(to_megatron_args(demo.smollm2_135m_demo_stage2_cpu(cache="/c")), "--router-loss-layer-reduction") == "mean"
+    recipe = get_recipe("qwen2_5_7b_stage2_review_8gpu_h100_bf16")
+    summed = dataclasses.replace(recipe.train, router_loss_layer_reduction="sum")
+    assert flag(to_megatron_args(dataclasses.replace(recipe, train=summed)), "--router-loss-layer-reduction") == "sum"
+    with pytest.raises(DeltaMoEError, match="router_loss_layer_reduction must be mean or sum"):
+        dataclasses.replace(recipe.train, router_loss_layer_reduction="max")

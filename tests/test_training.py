@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -231,7 +232,7 @@ def test_stage2_trains_routers_only_and_lpr_moves_original_language_to_expert0(w
     out = workspace["root"] / "stage2"
     blend = ["0.5", workspace["data"]["en"], "0.5", workspace["data"]["es"]]
     records = train(workspace, out, iters=8, stage=2, init=init, blend=blend,
-                    extra=["--lpr-loss-coeff", "1.0", "--lr", "3e-2", "--min-lr", "3e-2"])
+                    extra=["--lpr-loss-coeff", "2.0", "--lr", "3e-2", "--min-lr", "3e-2"])
     before, after = weights(init), weights(out)
     for name in before:
         if _is_router(name):
@@ -287,5 +288,113 @@ def test_entry_refuses_contradicting_or_missing_inputs(workspace, tmp_path):
     assert code == 1 and "contradicts the checkpoint" in err
     code, err = run(*base, "--lpr-loss-coeff", "0.1")
     assert code == 1 and "stage-2" in err
+    # A routing flag the HF formats cannot express: one error line naming it, before Megatron validates anything.
+    code, err = run(*base, "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias")
+    assert code == 1 and "deltamoe train: error: --moe-router-score-function sigmoid: not supported" in err
+    assert "Traceback" not in err
     code, err = run(*[a if a != str(workspace["moe"]) else str(tmp_path / "none") for a in base])
     assert code == 1 and "no DeltaMoE checkpoint metadata" in err
+
+
+# ---- routing the HF formats cannot express is refused when training starts; what they can express is recorded ------
+REFUSED_ROUTING_FLAGS = [
+    (["--moe-router-score-function", "sigmoid"], "--moe-router-score-function sigmoid: not supported"),
+    (["--moe-router-score-function", "sqrtsoftplus"], "--moe-router-score-function sqrtsoftplus: not supported"),
+    (["--moe-router-topk-scaling-factor", "2.5"], "--moe-router-topk-scaling-factor 2.5: not supported"),
+    (["--moe-router-enable-expert-bias"], "--moe-router-enable-expert-bias True: not supported"),
+    (["--moe-router-num-groups", "2", "--moe-router-group-topk", "1"], "--moe-router-num-groups 2: not supported"),
+    (["--moe-router-group-topk", "1"], "--moe-router-group-topk 1: not supported"),
+    (["--moe-router-load-balancing-type", "sinkhorn"], "--moe-router-load-balancing-type sinkhorn: not supported"),
+    (["--moe-router-load-balancing-type", "quantile_balancing"],
+     "--moe-router-load-balancing-type quantile_balancing: not supported"),
+    (["--moe-expert-capacity-factor", "1.0"], "--moe-expert-capacity-factor 1.0: not supported"),
+    (["--moe-expert-rank-capacity-factor", "1.0"], "--moe-expert-rank-capacity-factor 1.0: not supported"),
+    (["--moe-input-jitter-eps", "0.01"], "--moe-input-jitter-eps 0.01: not supported"),
+    (["--moe-router-force-load-balancing"], "--moe-router-force-load-balancing True: not supported"),
+    (["--moe-router-force-biased", "0.1"], "--moe-router-force-biased 0.1: not supported"),
+    (["--moe-enable-routing-replay"], "--moe-enable-routing-replay True: not supported"),
+    (["--moe-apply-probs-on-input"], "--moe-apply-probs-on-input True: not supported"),
+    (["--moe-latent-size", "16"], "--moe-latent-size 16: not supported"),
+    (["--moe-layer-freq", "2"], "--moe-layer-freq 2: not supported"),
+    (["--moe-mlp-glu-interleave-size", "8"], "--moe-mlp-glu-interleave-size 8: not supported"),
+    (["--moe-shared-expert-glu-interleave-size", "8"], "--moe-shared-expert-glu-interleave-size 8: not supported"),
+    (["--moe-use-upcycling"], "--moe-use-upcycling True: not supported"),
+    (["--moe-ffn-hidden-size", "48"], "--moe-ffn-hidden-size 48 contradicts the checkpoint (96)"),
+    (["--moe-shared-expert-intermediate-size", "96"], "--moe-shared-expert-intermediate-size 96 contradicts the checkpoint"),
+]
+
+
+def _entry_flags(ws, *extra: str, stage: str = "1") -> list[str]:
+    return ["--deltamoe-stage", stage, "--pretrained-checkpoint", str(ws["moe"]), "--load", str(ws["root"] / "unused"),
+            "--data-path", ws["data"]["es"], "--original-languages", "en", "--languages", "en,es", "--seq-length", "32",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "1", "--lr", "1e-3", *extra]
+
+
+def _check_entry_flags(ws, monkeypatch, *extra: str, plan=None, stage: str = "1"):
+    """The trainer entry's start-up checks (train.check_user_flags, what `main` runs before Megatron validates), in
+    process: the checkpoint's flags, then the user's, parsed by Megatron-LM's own parser."""
+    from deltamoe.architectures import read_architecture_config
+    from deltamoe.megatron_ext.moe.plan import UpcyclePlan
+    from deltamoe.megatron_ext.runtime.checkpoint import read_metadata
+    from deltamoe.megatron_ext.training.train import check_user_flags
+
+    monkeypatch.setattr(sys, "argv", ["train"])
+    meta = read_metadata(ws["moe"])
+    _, arch = read_architecture_config(meta.hf_config)
+    return check_user_flags(_entry_flags(ws, *extra, stage=stage), meta, arch, plan or UpcyclePlan.load(ws["moe"]),
+                            int(stage))
+
+
+@pytest.mark.parametrize("extra, message", REFUSED_ROUTING_FLAGS, ids=lambda x: x[0] if isinstance(x, list) else "")
+def test_entry_refuses_routing_the_hf_formats_cannot_express(workspace, monkeypatch, extra, message):
+    from deltamoe.common.errors import DeltaMoEError
+
+    with pytest.raises(DeltaMoEError, match=re.escape(message)):
+        _check_entry_flags(workspace, monkeypatch, *extra)
+
+
+def test_entry_accepts_routing_that_changes_no_function_and_records_pre_softmax(workspace, monkeypatch):
+    from deltamoe.megatron_ext.runtime.checkpoint import read_metadata
+    from deltamoe.megatron_ext.training.flags import recorded_moe
+
+    free = ["--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff",
+            "1e-3", "--moe-router-dtype", "fp64", "--moe-token-dispatcher-type", "allgather", "--moe-grouped-gemm"]
+    args = _check_entry_flags(workspace, monkeypatch, *free)
+    assert recorded_moe(read_metadata(workspace["moe"]), args)["router_pre_softmax"] is False
+    args = _check_entry_flags(workspace, monkeypatch, "--moe-router-pre-softmax")
+    assert recorded_moe(read_metadata(workspace["moe"]), args)["router_pre_softmax"] is True
+
+
+def test_entry_refuses_lpr_and_original_language_allocation_for_the_shared_variant(workspace, monkeypatch):
+    from deltamoe.common.errors import DeltaMoEError
+    from deltamoe.megatron_ext.moe.upcycle import build_plan
+
+    shared = build_plan(variant="shared", num_experts=4, topk=2, ffn_hidden_size=96, granularity=2)
+    with pytest.raises(DeltaMoEError, match="--lpr-loss-coeff: the shared variant has no routed original expert"):
+        _check_entry_flags(workspace, monkeypatch, "--lpr-loss-coeff", "0.1", plan=shared, stage="2")
+    allocation = ["--expert-allocation", "by-language", "--expert-allocation-map", json.dumps({"en": [0, 1], "es": [2, 3]})]
+    with pytest.raises(DeltaMoEError, match="gives routed experts to original language 'en'"):
+        _check_entry_flags(workspace, monkeypatch, *allocation, plan=shared)
+    _check_entry_flags(workspace, monkeypatch, "--expert-allocation", "by-language", "--expert-allocation-map",
+                       json.dumps({"es": [2, 3]}), plan=shared)  # new languages only: fine
+
+
+@pytest.mark.slow
+def test_recorded_routing_flag_reaches_the_export_and_matches_megatron(workspace):
+    """Trained with --moe-router-pre-softmax (no top-k renormalisation): the trainer records it in deltamoe.json, and
+    the export (Llama: Qwen2-MoE, as Mixtral always renormalises) gives the trained Megatron model's logits."""
+    from deltamoe.converters.megatron_to_hf import export
+    from deltamoe.megatron_ext.runtime.checkpoint import load_model, read_metadata
+    from tests.megatron_helpers import hf_logits, megatron_logits
+
+    out = workspace["root"] / "pre-softmax"
+    train(workspace, out, iters=1, extra=["--moe-router-pre-softmax", "--save-interval", "1"])
+    meta = read_metadata(out)
+    assert meta.moe["router_pre_softmax"] is True
+    assert meta.source["training"]["stage1"]["router_pre_softmax"] is True
+    hf = export(out, workspace["root"] / "pre-softmax-hf")
+    config = json.loads((hf / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2MoeForCausalLM"] and config["norm_topk_prob"] is False
+    model, _ = load_model(out, spec="local")
+    tokens = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(hf_logits(hf, tokens), megatron_logits(model, tokens, VOCAB))

@@ -156,3 +156,22 @@ def test_cli_refuses_moe_input_and_bad_sizes(dense_checkpoint, tmp_path, capsys)
         assert not (tmp_path / "y").exists()
     with pytest.raises(DeltaMoEError, match="exists"):
         upcycle(dense_checkpoint, moe, num_experts=2, topk=2)
+
+
+def test_shared_variant_of_qwen3_is_refused_before_any_weight_is_read(tmp_path, capsys):
+    """No HF format holds a Qwen3 shared variant (Qwen2-MoE has no q/k norms, Qwen3-MoE no shared expert): `upcycle`
+    refuses it with one error, before reading weights or writing anything, instead of `export` after training."""
+    from deltamoe.cli import main as cli_main
+    from deltamoe.megatron_ext.runtime.checkpoint import CheckpointMetadata
+    from deltamoe.common.hf_folder import read_config
+
+    dense = tmp_path / "dense"  # metadata only: the refusal must come before any tensor is loaded
+    dense.mkdir()
+    config = read_config(make_tiny_hf("qwen3", tmp_path / "hf", num_hidden_layers=2))
+    CheckpointMetadata(hf_config=config, padded_vocab_size=128).save(dense)
+    code = cli_main(["upcycle", "--dense", str(dense), "--out", str(tmp_path / "moe"), "--num-experts", "4", "--topk", "2",
+                     "--variant", "shared", "--granularity", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and "upcycle --variant shared of a qwen3 model: no Hugging Face MoE format could hold the result" in err
+    assert "Qwen3-MoE has no shared expert" in err and "Traceback" not in err
+    assert not (tmp_path / "moe").exists()

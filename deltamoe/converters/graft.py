@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from deltamoe.architectures import read_architecture_config
+from deltamoe.architectures.moe import MOE_FORMATS, format_problems
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import sha256_dir, versions
 from deltamoe.common.outputs import atomic_output_dir
@@ -54,10 +56,13 @@ class _Inputs:
         check_same_architecture(base, post)
         self.base_config, self.moe_config = read_config(base), read_config(moe)
         self.fmt = format_of_config(self.moe_config, f"{moe}/config.json")
-        expected = format_for_dense(self.base_config.get("model_type"), f"{base}/config.json")
-        if expected.name != self.fmt.name:
-            raise DeltaMoEError(f"{moe}/config.json: a {expected.name} MoE is needed for a "
-                                f"{self.base_config['model_type']} base, got {self.fmt.name}")
+        format_for_dense(self.base_config.get("model_type"), f"{base}/config.json")  # a supported dense base
+        # Any format that holds B's attention exactly may carry its experts (a Llama's shared variant is a Qwen2-MoE).
+        _, base_arch = read_architecture_config(self.base_config, f"{base}/config.json")
+        problems = format_problems(MOE_FORMATS[self.fmt.name], base_arch, {})
+        if problems:
+            raise DeltaMoEError(f"{moe}/config.json: a {self.fmt.name} MoE cannot hold the "
+                                f"{self.base_config['model_type']} base {base}: {problems[0]}")
         for field in ("num_hidden_layers", "hidden_size"):
             if self.moe_config.get(field) != self.base_config.get(field):
                 raise DeltaMoEError(f"{moe}/config.json: {field} is {self.moe_config.get(field)} but {base}/config.json "
@@ -202,6 +207,8 @@ def graft(*, base: Path, post: Path, moe: Path, out: Path, scale: float = 1.0, e
             config["vocab_size"] = max(r[1] for r in inputs.vocab_rows.values())
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / PLAN_FILE).write_text((moe / PLAN_FILE).read_text())
+        if (moe / "README.md").exists():  # the export's model card (how the model routes) describes O as well
+            shutil.copy2(moe / "README.md", tmp / "README.md")
         copied = copy_tokenizer_files(post, tmp)
         if "generation_config.json" not in copied and (moe / "generation_config.json").exists():
             shutil.copy2(moe / "generation_config.json", tmp / "generation_config.json")

@@ -11,9 +11,15 @@ Function preservation, exactly (not approximately):
   * copy variant: the shared expert is all zeros (zero down_proj makes its output exactly 0 whatever the gate; a gate
     pushing the sigmoid "towards 0" would only be approximate). It stays dead unless someone trains it.
   * shared variant: the shared expert is the FFN with down_proj multiplied by 2 and a zero shared_expert_gate, so
-    sigmoid(0) = 1/2 times 2 gives the FFN exactly (both factors are powers of two). The plan saved in the folder
-    describes the HF tensors, so its shared expert's `fc2_scale` carries that factor 2, and `deltamoe graft` grafts
-    the delta with it. An export of a Megatron shared-variant MoE to Qwen2-MoE has to follow the same convention.
+    sigmoid(0) = 1/2 times 2 gives the FFN exactly (both factors are powers of two); the routed experts' down_proj is
+    zero. This is the Megatron upcycle's layout too (megatron_ext/moe/upcycle.py: zero gate, doubled shared fc2).
+
+One `fc2_scale` convention everywhere: an upcycle plan describes the tensors of the folder it sits in, i.e. each
+expert's stored down-projection is `fc2_scale` times the dense FFN's. `build_plan(variant="shared")` gives the shared
+expert fc2_scale 2 and the routed experts 0; the Megatron upcycle writes that plan, export copies it unchanged (the
+Megatron and Qwen2-MoE tensors are the same), this HF upcycle takes the same plan and writes the same tensors, and
+`deltamoe graft` gives each expert fc2_scale times the FFN's delta. A plan that would not preserve the function is
+refused.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from deltamoe.architectures.moe import MOE_FORMATS, moe_hf_config
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import sha256_dir
 from deltamoe.common.outputs import atomic_output_dir
@@ -34,7 +41,7 @@ from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter
 from deltamoe.megatron_ext.moe.plan import ExpertSource, UpcyclePlan
 
 QWEN2_MOE_SHARED_GATE_COMPENSATION = 2.0
-"""1 / sigmoid(0): the factor on a Qwen2-MoE shared expert's down_proj that cancels a zero shared_expert_gate."""
+"""1 / sigmoid(0): the shared expert's fc2_scale that cancels a zero shared_expert_gate (the plan's value)."""
 
 
 def ffn_slice(tensor: torch.Tensor, proj: str, source: ExpertSource) -> torch.Tensor:
@@ -58,23 +65,11 @@ def _expert_width(plan: UpcyclePlan) -> int:
 
 
 def moe_config(dense: dict, fmt: MoEFormat, plan: UpcyclePlan) -> dict:
-    """The MoE config.json: the dense config with the MoE fields of `fmt` added."""
-    if fmt.name == "mixtral" and (dense.get("attention_bias") or dense.get("mlp_bias")):
-        raise DeltaMoEError("config.json: attention_bias/mlp_bias are set but Mixtral has no biases")
-    cfg = {k: v for k, v in dense.items() if k not in ("architectures", "transformers_version")}
-    cfg.update(model_type=fmt.name, architectures=[fmt.architecture], num_experts_per_tok=plan.topk,
-               output_router_logits=False)
-    cfg[fmt.num_experts_field] = plan.num_experts
-    cfg[fmt.expert_size_field] = _expert_width(plan)
-    if fmt.name == "mixtral":
-        cfg.setdefault("sliding_window", None)
-        cfg["router_jitter_noise"] = 0.0
-    else:
-        cfg.update(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
-    if fmt.has_shared_expert:
-        shared = plan.shared_expert
-        cfg["shared_expert_intermediate_size"] = (shared.ffn_stop - shared.ffn_start) if shared else cfg[fmt.expert_size_field]
-    return cfg
+    """The MoE config.json: the one `deltamoe export` writes for the same model (architectures.moe.moe_hf_config)."""
+    shared = plan.shared_expert
+    moe = {"num_experts": plan.num_experts, "topk": plan.topk, "ffn_hidden_size": _expert_width(plan),
+           "shared_expert_intermediate_size": (shared.ffn_stop - shared.ffn_start) if shared else None}
+    return moe_hf_config(dense, MOE_FORMATS[fmt.name], moe)
 
 
 def _check_plan(plan: UpcyclePlan, fmt: MoEFormat, dense: dict) -> None:
@@ -89,6 +84,33 @@ def _check_plan(plan: UpcyclePlan, fmt: MoEFormat, dense: dict) -> None:
                             f"(use {[f for f, v in FORMATS.items() if v.has_shared_expert]})")
     if plan.variant == "shared" and plan.shared_expert is None:
         raise DeltaMoEError("upcycle plan: variant 'shared' needs a shared_expert source")
+    _check_function_preserving(plan)
+
+
+def _check_function_preserving(plan: UpcyclePlan) -> None:
+    """The written MoE must compute the dense model: copy variant = full copies (renormalised weights sum to 1);
+    shared variant = shared expert with fc2_scale 1 / sigmoid(0) and routed experts with a zero read-out."""
+    ffn = plan.ffn_hidden_size
+    shared = plan.shared_expert
+    if shared is not None:
+        if (shared.ffn_start, shared.ffn_stop, shared.fc1_scale) != (0, ffn, 1.0) or \
+                shared.fc2_scale != QWEN2_MOE_SHARED_GATE_COMPENSATION:
+            raise DeltaMoEError(
+                f"upcycle plan: shared expert [{shared.ffn_start}, {shared.ffn_stop}) fc1_scale {shared.fc1_scale} "
+                f"fc2_scale {shared.fc2_scale}; the zero shared_expert_gate gives it weight sigmoid(0) = 1/2, so it must be "
+                f"the whole FFN with fc2_scale {QWEN2_MOE_SHARED_GATE_COMPENSATION} (the plan `deltamoe upcycle "
+                "--variant shared` writes) for the MoE to compute the dense model")
+        bad = [e for e, src in enumerate(plan.routed_experts) if src.fc2_scale != 0.0]
+        if bad:
+            raise DeltaMoEError(f"upcycle plan: routed expert {bad[0]} has fc2_scale {plan.routed_experts[bad[0]].fc2_scale}; "
+                                "next to a shared expert that already computes the FFN, routed experts start with a "
+                                "zero read-out (fc2_scale 0)")
+        return
+    bad = [e for e, src in enumerate(plan.routed_experts)
+           if (src.ffn_start, src.ffn_stop, src.fc1_scale, src.fc2_scale) != (0, ffn, 1.0, 1.0)]
+    if bad:
+        raise DeltaMoEError(f"upcycle plan: routed expert {bad[0]} is not a full, unscaled copy of the FFN; the copy "
+                            "variant is exact only when every routed expert is")
 
 
 def upcycle_hf(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, plan: UpcyclePlan, fmt: str | None = None, *,
@@ -104,10 +126,7 @@ def upcycle_hf(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, plan: U
     _check_plan(plan, fmt_, dense)
     config = moe_config(dense, fmt_, plan)
     shared_source = plan.shared_expert
-    if shared_source is not None and fmt_.name == "qwen2_moe":
-        shared_source = dataclasses.replace(
-            shared_source, fc2_scale=shared_source.fc2_scale * QWEN2_MOE_SHARED_GATE_COMPENSATION)
-    saved_plan = dataclasses.replace(plan, shared_expert=shared_source, base_architecture=dense["model_type"],
+    saved_plan = dataclasses.replace(plan, base_architecture=dense["model_type"],
                                      base_sha256=sha256_dir(dense_dir, patterns=("*.safetensors",)))
     reader = SafetensorsReader(dense_dir)
     num_layers = dense["num_hidden_layers"]

@@ -5,9 +5,12 @@ Examples:
     deltamoe export --megatron /ckpt/llama-moe-stage2 --out /models/llama-deltamoe --format auto   # -> Mixtral
 
 A dense checkpoint exports to its source architecture with its original config.json. An MoE exports to Mixtral
-(Llama family), Qwen2-MoE or Qwen3-MoE (`--format auto` picks by the source architecture; the shared-expert variant
-goes to Qwen2-MoE, the format with a shared expert). The checkpoint is loaded in one process at TP=EP=1 (torch_dist
-reshards whatever layout it was saved with); shards are written as they fill, with an index.
+(Llama family), Qwen2-MoE or Qwen3-MoE, exactly or not at all (DESIGN.md decision 12): the format is checked against
+the source architecture and the routing the checkpoint records (architectures/moe.py lists what each format holds),
+and `--format auto` takes the architecture's own format when it holds the model, else the first that does (a Llama
+shared variant, or a Llama trained without top-k renormalisation, goes to Qwen2-MoE). The checkpoint is loaded in one
+process at TP=EP=1 (torch_dist reshards whatever layout it was saved with); shards are written as they fill, with an
+index, next to a model card (README.md) that says how the model routes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.outputs import atomic_output_dir, check_output_dir
 from deltamoe.common.hf_folder import TOKENIZER_FILES
 from deltamoe.architectures import read_architecture_config
-from deltamoe.architectures.moe import MOE_FORMATS, moe_hf_config
+from deltamoe.architectures.moe import MOE_FORMATS, choose_format, moe_hf_config
 from deltamoe.converters.mapping import expand_rules
 from deltamoe.converters.safetensors_io import ShardWriter
 from deltamoe.converters.transforms import to_hf
@@ -42,21 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
-def choose_format(requested: str, arch_name: str, moe: dict) -> str:
-    from deltamoe.architectures import ARCHITECTURES
-
-    if requested != "auto":
-        return requested
-    if moe.get("shared_expert_intermediate_size"):
-        if arch_name == "qwen3":
-            raise DeltaMoEError("the shared-expert variant of a Qwen3 model has no HF format (Qwen3-MoE has no shared expert)")
-        return "qwen2_moe"
-    return ARCHITECTURES[arch_name].moe_format
-
-
 def hf_tensors(state: dict[str, torch.Tensor], hf_config: dict, *, moe: dict | None, fmt_name: str | None):
     """Yield (hf_name, tensor) from a whole (TP=EP=1) megatron state dict; every megatron tensor must be consumed."""
     arch, config = read_architecture_config(hf_config)
+    if moe is not None:
+        choose_format(fmt_name, config, moe)  # the format holds this model exactly, or a DeltaMoEError says why not
     if moe is None:
         bindings = expand_rules(arch.rules, config)
     else:
@@ -128,10 +121,10 @@ def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtyp
     megatron_dir = Path(megatron_dir)
     meta = read_metadata(megatron_dir)
     check_output_dir(out, inputs=[megatron_dir], overwrite=overwrite)
-    arch, _ = read_architecture_config(meta.hf_config)
-    fmt_name = choose_format(fmt, arch.name, meta.moe) if meta.moe else None
+    arch, arch_config = read_architecture_config(meta.hf_config)
     if fmt != "auto" and not meta.moe:
         raise DeltaMoEError(f"{megatron_dir} is a dense checkpoint; --format applies to MoE checkpoints only")
+    fmt_name = choose_format(fmt, arch_config, meta.moe) if meta.moe else None
 
     init_distributed(ParallelLayout())
     if torch.distributed.get_world_size() != 1:
@@ -162,8 +155,40 @@ def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtyp
             if fmt_name == "qwen2_moe" and _ungated_shared(meta.moe) and plan.shared_expert is not None:
                 plan.shared_expert.fc2_scale *= UNGATED_SHARED_FC2_SCALE
             plan.save(tmp)
+        if meta.moe:
+            (tmp / "README.md").write_text(model_card(meta, fmt_name, hf_config))
     print(f"exported {megatron_dir} -> {out} ({fmt_name or arch.name}) in {time.time() - started:.1f}s")
+    masked = sorted(s for s, run in (meta.source.get("training") or {}).items() if run.get("expert_allocation") == "by-language")
+    if meta.moe and masked:
+        print(f"note: {', '.join(masked)} trained with --expert-allocation by-language; that mask is a training-time "
+              "device: the exported model routes every token by its routers alone (README.md says so)")
     return Path(out)
+
+
+def model_card(meta, fmt_name: str, hf_config: dict) -> str:
+    """README.md of an exported MoE: what it is and how it routes (the router alone, whatever training used)."""
+    moe = meta.moe
+    training = meta.source.get("training") or {}
+    allocated = sorted(stage for stage, run in training.items() if run.get("expert_allocation") == "by-language")
+    lines = [
+        "---", "library_name: transformers", "tags: [deltamoe, moe]", "---", "",
+        f"# DeltaMoE {MOE_FORMATS[fmt_name].hf_architecture}", "",
+        f"An upcycled mixture of experts exported by `deltamoe export` from a Megatron checkpoint "
+        f"({moe['num_experts']} experts, top-{moe['topk']}"
+        f"{', shared expert' if moe.get('shared_expert_intermediate_size') else ''}). Its config and tensors are the "
+        "trained Megatron model's: `deltamoe export` writes only formats that compute the same function (checked "
+        "against Megatron's float32 logits in DeltaMoE's tests) and refuses the others.", "",
+        "## Routing", "",
+        "Inference routes every token by the router alone: softmax over all experts, top-k, "
+        + ("then the top-k weights renormalised to sum to 1." if hf_config.get("norm_topk_prob", True)
+           else "without renormalising the top-k weights (trained with --moe-router-pre-softmax)."),
+        "No language tag is read at inference.",
+    ]
+    if allocated:
+        lines.append(f"Training ({', '.join(allocated)}) masked each token's router to its language's experts "
+                     "(`--expert-allocation by-language`); that mask was a training-time device and is not part of this "
+                     "model: untagged text is routed by what the routers learned.")
+    return "\n".join(lines) + "\n"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -123,6 +123,16 @@ INTERVENTIONS: tuple[Intervention, ...] = (
             "forward; the token dispatcher calls it positionally.",
     ),
     Intervention(
+        name="parameters marked deltamoe_no_weight_decay get no weight decay",
+        target="megatron.training.training:get_megatron_optimizer_config",
+        kind="replace function",
+        signature="(args: Any) -> megatron.core.optimizer.optimizer_config.OptimizerConfig",
+        why="Megatron-LM's trainer builds its optimizer's parameter-group overrides (`ParamKey` -> `wd_mult`, "
+            "megatron/core/optimizer/__init__.py) in this function and `pretrain` takes no overrides of its own; we "
+            "add one key, `ParamKey(attr=NO_WEIGHT_DECAY_ATTR)` -> wd_mult 0, so router weights whose rows of "
+            "by-design idle experts get no gradient (by-language masking) are not shrunk by decoupled weight decay.",
+    ),
+    Intervention(
         name="trainer datasets built on every rank",
         target="megatron.training.training:build_train_valid_test_data_loaders",
         kind="set attribute",
@@ -284,6 +294,27 @@ def attach_router_loss(probs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     return MoEAuxLossAutoScaler.apply(probs, loss)
+
+
+NO_WEIGHT_DECAY_ATTR = "deltamoe_no_weight_decay"
+"""Parameter attribute: True puts the parameter in a weight-decay-free group of Megatron-LM's optimizer."""
+
+
+def exempt_marked_parameters_from_weight_decay() -> None:
+    """Megatron-LM's optimizer gives parameters with `NO_WEIGHT_DECAY_ATTR` set wd_mult 0 (see INTERVENTIONS). Idempotent."""
+    from megatron.training import training
+
+    original = training.get_megatron_optimizer_config
+    if getattr(original, "_deltamoe_no_weight_decay", False):
+        return
+    from megatron.core.optimizer.optimizer_config import ParamKey
+
+    def get_megatron_optimizer_config(args):
+        config, overrides = original(args)
+        return config, {**(overrides or {}), ParamKey(attr=NO_WEIGHT_DECAY_ATTR): {"wd_mult": 0.0}}
+
+    get_megatron_optimizer_config._deltamoe_no_weight_decay = True
+    training.get_megatron_optimizer_config = get_megatron_optimizer_config
 
 
 def build_datasets_on_every_rank(datasets_provider):

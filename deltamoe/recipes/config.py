@@ -88,8 +88,16 @@ class UpcycleRecipe:
             raise DeltaMoEError(f"upcycle.variant must be 'copy' or 'shared', got {self.variant!r}")
         if self.topk > self.num_experts:
             raise DeltaMoEError(f"upcycle.topk ({self.topk}) must not exceed upcycle.num_experts ({self.num_experts})")
-        if self.variant == "copy" and self.num_experts < 2:
-            raise DeltaMoEError(f"upcycle.num_experts ({self.num_experts}) must be at least 2 for the copy variant")
+        if self.num_experts < 2:
+            raise DeltaMoEError(f"upcycle.num_experts ({self.num_experts}) must be at least 2")
+        # `deltamoe upcycle`'s own rules (megatron_ext/moe/upcycle.py build_plan), so a recipe fails before the run.
+        if self.topk == 1:
+            raise DeltaMoEError("upcycle.topk 1 is refused by `deltamoe upcycle`: megatron routes top-1 with softmax "
+                                "before top-k, whose weight (< 1) scales the expert, so the MoE would not start as the "
+                                "dense model; use topk >= 2")
+        if self.variant == "copy" and self.granularity != 1:
+            raise DeltaMoEError(f"upcycle.granularity ({self.granularity}) applies to the shared variant; the copy "
+                                "variant copies the whole FFN")
 
 
 @dataclass(kw_only=True)
@@ -195,7 +203,11 @@ class TrainRecipe:
     train_tokens: int | None = None
     """Alternative to train_iters: iterations = ceil(train_tokens / (global_batch_size × seq_length))."""
     lpr_loss_coeff: float | None = None
-    """γ of the language-prior routing loss (MoE-LPR, Zhou et al. 2024, arXiv:2408.11396): stage 2 only; paper: 0.1."""
+    """γ of the language-prior routing loss (MoE-LPR, Zhou et al. 2024, arXiv:2408.11396): stage 2 only; paper: 0.1.
+    L_lpr is a mean over MoE layers and original-language tokens, as in MoE-LPR's code, so 0.1 is the paper's γ."""
+    router_loss_layer_reduction: Literal["mean", "sum"] = "mean"
+    """How the LPR and allocation losses combine over MoE layers: mean (the paper's γ) or sum (per-layer sums, as
+    zjwang21/Megatron-LM-MoELPR: num_layers times the mean)."""
     moe_aux_loss_coeff: float = 0.01
     """Load-balancing loss; 0 turns it off (stage 2: the language prior decides routing)."""
     data_blend: list[DataSource]
@@ -233,6 +245,8 @@ class TrainRecipe:
             raise DeltaMoEError(f"train.lpr_loss_coeff ({self.lpr_loss_coeff}) has no effect in stage {self.stage}: leave it None")
         if self.lpr_loss_coeff is not None and self.lpr_loss_coeff < 0:
             raise DeltaMoEError(f"train.lpr_loss_coeff must be >= 0, got {self.lpr_loss_coeff}")
+        if self.router_loss_layer_reduction not in ("mean", "sum"):
+            raise DeltaMoEError(f"train.router_loss_layer_reduction must be mean or sum, got {self.router_loss_layer_reduction!r}")
         if not self.data_blend:
             raise DeltaMoEError("train.data_blend is empty")
         self.data_blend = [d if isinstance(d, DataSource) else DataSource(**d) for d in self.data_blend]
@@ -324,7 +338,31 @@ class Recipe:
         if self.device == "cpu" and self.precision.preset != "fp32":
             raise DeltaMoEError(f"recipe {self.name}: device cpu needs precision.preset fp32, got {self.precision.preset}")
         self.train.expert_allocation_for(self.upcycle, self.parallel)  # raises on a map that does not fit the MoE
+        self._check_variant()
         check_layout(self)
+
+    def _check_variant(self) -> None:
+        """Combinations `deltamoe upcycle` or the trainer would refuse, refused when the recipe is built."""
+        from deltamoe.architectures.moe import check_exportable
+
+        u, t = self.upcycle, self.train
+        if t.stage == 0:
+            return
+        shared = self.model.ffn_hidden_size if u.variant == "shared" else None
+        check_exportable(self.model, {"shared_expert_intermediate_size": shared},
+                         f"recipe {self.name}: upcycle.variant {u.variant!r} of a {self.model.architecture} model")
+        if u.variant != "shared":
+            return
+        if t.lpr_loss_coeff:
+            raise DeltaMoEError(f"recipe {self.name}: train.lpr_loss_coeff ({t.lpr_loss_coeff}) with upcycle.variant "
+                                "'shared': that variant has no routed original expert (the original FFN is the shared "
+                                "expert), so MoE-LPR's prior has no target; set it to 0.0 or use the copy variant")
+        experts = (t.expert_allocation_map or {}).get("experts", {})
+        originals = sorted(set(t.original_languages) & set(experts))
+        if originals:
+            raise DeltaMoEError(f"recipe {self.name}: train.expert_allocation_map gives routed experts to original "
+                                f"language {originals[0]!r}, but with upcycle.variant 'shared' every routed expert is new "
+                                "(the original FFN is the shared expert every token uses); leave it out of the map")
 
 
 # The expansion lives next door to keep this module about the data; re-exported for `from ...config import`.

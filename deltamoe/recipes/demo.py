@@ -1,6 +1,7 @@
 """The embedded demo: SmolLM2-135M-Instruct learns Spanish and Russian experts on CPU, from offline assets.
 
-Same recipe shape as production (6 experts, top-2, copy upcycling, γ = 0.1), one process, fp32, about ten thousand
+Same recipe shape as production (6 experts, top-2, copy upcycling, the paper's γ = 0.1: LPR averaged over the 30 MoE
+layers), one process, fp32, about ten thousand
 tokens per stage: what 2 CPU cores train in a few minutes (~50 tokens/s for this 6-expert MoE through Megatron-LM's
 trainer on CPU). At that budget expect a small drop of Spanish/Russian bits per byte and little else; `scale`
 multiplies the iterations (a GPU makes scale 10-100 practical).
@@ -82,7 +83,8 @@ def smollm2_135m_demo_dense_cpt_cpu(scale: float = 1.0, cache: str | Path | None
 DEMO_EXPERT_ALLOCATION = {"experts": {"en": [5], "es": [1, 2], "ru": [3, 4]}, "shared_experts": [0]}
 """Experts by language for the 6-expert, top-2 demo (docs/allocation.md): the frozen original FFN (expert 0) is shared
 by every language, Spanish and Russian own two new experts each (so top-2 still chooses among 3), and English gets
-expert 5 as its second choice: stage 1 has no English, so expert 5 stays a copy of the original FFN."""
+expert 5 as its second choice: stage 1 has no English, so expert 5 receives no token, and the trainer freezes it for
+that stage (weight decay would otherwise shrink it): it stays a copy of the original FFN, bit for bit."""
 
 
 def smollm2_135m_demo_stage1_by_language_cpu(scale: float = 1.0, cache: str | Path | None = None,

@@ -3,7 +3,8 @@
 The Megatron flags are exactly what megatron-core 0.19.2's `megatron.training.arguments` parses (a test parses them
 with its parser). DeltaMoE's flags, added by the trainer entry `deltamoe.megatron_ext.training.train`:
     --deltamoe-stage {1,2}             which parameters train (1: new experts + routers, 2: routers only)
-    --lpr-loss-coeff G                 γ of the language-prior routing loss (stage 2)
+    --lpr-loss-coeff G                 γ of the language-prior routing loss (stage 2), mean over MoE layers
+    --router-loss-layer-reduction R    mean (the paper's γ) or sum over MoE layers
     --original-languages en,zh         language tags whose tokens the LPR loss routes to expert 0
     --expert-allocation learned|by-language
     --allocation-loss-coeff C
@@ -129,7 +130,8 @@ def data_and_checkpoint_args(recipe: Recipe) -> list[str]:
 
 def deltamoe_args(recipe: Recipe) -> list[str]:
     t = recipe.train
-    args = ["--deltamoe-stage", t.stage, "--original-languages", ",".join(t.original_languages),
+    args = ["--deltamoe-stage", t.stage, "--router-loss-layer-reduction", t.router_loss_layer_reduction,
+            "--original-languages", ",".join(t.original_languages),
             "--languages", ",".join(t.declared_languages),
             "--expert-allocation", t.expert_allocation, "--allocation-loss-coeff", t.allocation_loss_coeff,
             "--routing-log-interval", t.routing_log_interval, "--routing-log-file", routing_log_file(recipe)]
@@ -148,5 +150,5 @@ def to_megatron_args(recipe: Recipe) -> list[str]:
     return [str(a) for a in args]
 
 
-DELTAMOE_FLAGS = ("--deltamoe-stage", "--lpr-loss-coeff", "--original-languages", "--languages", "--expert-allocation",
+DELTAMOE_FLAGS = ("--deltamoe-stage", "--lpr-loss-coeff", "--router-loss-layer-reduction", "--original-languages", "--languages", "--expert-allocation",
                   "--expert-allocation-map", "--allocation-loss-coeff", "--routing-log-interval", "--routing-log-file")

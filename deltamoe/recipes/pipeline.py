@@ -188,7 +188,9 @@ def build_stages(p: PipelineRecipe, workdir: Path) -> list[Stage]:
     up = init.upcycle
     stages.append(Stage("upcycle", moe,
                         [*deltamoe, "upcycle", "--dense", str(dense), "--out", str(moe), "--num-experts",
-                         str(up.num_experts), "--topk", str(up.topk), "--variant", up.variant],
+                         str(up.num_experts), "--topk", str(up.topk), "--variant", up.variant,
+                         "--granularity", str(up.granularity),
+                         "--expert-parallel-size", str(init.parallel.expert_model_parallel_size)],
                         lambda: (moe / "deltamoe.json").exists()))
     models = {"base": Path(p.base_model), "post": post}
     for arm in p.arms:

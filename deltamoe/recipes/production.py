@@ -3,7 +3,7 @@
 Each recipe is a typed function named for what it is, built from a model base and a stage base and changed field by
 field. Settings from MoE-LPR (Zhou et al. 2024, arXiv:2408.11396): 6 experts, top-2, copy upcycling with the original
 FFN as the frozen expert 0, stage 2 (review) trains only the routers with γ = 0.1 on a replay of the original
-languages; its language setting is kept too (new: Greek, Hungarian, Turkish; original: English, Chinese, Spanish).
+languages (the paper's γ: the LPR loss is a mean over MoE layers and original-language tokens, as in MoE-LPR's code); its language setting is kept too (new: Greek, Hungarian, Turkish; original: English, Chinese, Spanish).
 Token budgets, learning rates and batch sizes are our defaults, not the paper's.
 
 Layouts: 6 experts only split over 1, 2, 3 or 6 ranks, and on 8 or 16 GPUs only 1 or 2 of those divide the expert

@@ -174,3 +174,13 @@ def mask_router_logits(logits: torch.Tensor, lang_ids: torch.Tensor, mask: torch
     if logits.shape[-1] != mask.shape[-1]:
         raise DeltaMoEError(f"router logits have {logits.shape[-1]} experts, the allocation mask {mask.shape[-1]}")
     return logits.masked_fill(~allowed_for_tokens(lang_ids, mask), float("-inf"))
+
+
+def idle_experts(mask: torch.Tensor, present_languages: list[int]) -> list[int]:
+    """Experts no token can reach under by-language masking: allowed to none of the languages present in the data
+    (`present_languages`: lang_ids of the blend's datasets). They receive no tokens by design, so training must leave
+    them exactly as they are (the trainer freezes them; freezing.py)."""
+    if not present_languages:
+        return []
+    reachable = mask[sorted(set(present_languages))].any(dim=0)
+    return [e for e in range(mask.shape[1]) if not bool(reachable[e])]

@@ -20,6 +20,13 @@ differently is refused here. A gradient mask on a stacked [E, ...] weight was re
 moment updates every step, and with the distributed optimizer the fp32 master shard would still drift. So a stacked
 layout (TE's `moe_single_grouped_weight`) is refused with an error instead of silently training expert 0.
 
+Experts that receive no tokens by design stay bit-identical too, at any weight decay: with `--expert-allocation
+by-language`, an expert that no language of the stage's data blend may use (the demo's English expert 5 in a stage 1
+on Spanish and Russian) gets no gradient, but AdamW's decoupled weight decay would still shrink it by (1 - lr * wd)
+per step. The trainer adds such experts to the frozen ones for that run (`allocation.idle_experts`), and marks the
+routers weight-decay free (`internals.exempt_marked_parameters_from_weight_decay`): their rows for those experts see
+-inf logits and so exactly zero gradient, and Adam's update of a zero-gradient entry is exactly zero.
+
 Local expert j on expert-parallel rank r is global expert r * (E / EP) + j (megatron's contiguous expert placement).
 """
 

@@ -9,8 +9,12 @@ the probe
 - attaches MoE-LPR's language-prior loss (stage 2) and/or the allocation loss to the routing probabilities with
   megatron's `MoEAuxLossAutoScaler`, the mechanism megatron's own load-balancing loss uses: the gradient flows into
   the router of that layer at backward time, scaled by the schedule's loss scale (1/num_microbatches, or the
-  per-token scale), so it works with any pipeline layout and needs no graph kept across layers. Each layer adds
-  coeff * loss_layer, so the total is coeff * sum over MoE layers of the per-token mean (routing_losses.lpr_loss);
+  per-token scale), so it works with any pipeline layout and needs no graph kept across layers. The paper's γ
+  (DESIGN.md decision 13): each of the L MoE layers adds (coeff / L) * loss_layer, so the total is
+  coeff * mean over MoE layers of the per-token mean (routing_losses.lpr_loss), as MoE-LPR's reference code
+  computes it and whatever the pipeline split; `layer_reduction="sum"` (`--router-loss-layer-reduction sum`)
+  instead adds coeff * loss_layer per layer, the per-layer sum of zjwang21/Megatron-LM-MoELPR (L times larger).
+  Every layer of an upcycled checkpoint is an MoE layer (the trainer refuses --moe-layer-freq), so L = num_layers;
 - accumulates, without gradient and in training forwards only, the mean router probability of expert 0 per layer
   and language (the metric that shows stage 2 working: original-language tokens move back to the frozen original FFN).
 
@@ -31,13 +35,20 @@ from deltamoe.megatron_ext.moe.allocation import mask_router_logits
 from deltamoe.megatron_ext.moe.routing_losses import allocation_loss, lpr_loss
 
 
+SUMS_MIN_WIDTH = 4
+"""RouterProbe.sums' last dimension holds at least the four router-loss counters of row 2."""
+
+
 @dataclass(kw_only=True)
 class ProbeSettings:
     num_languages: int
     num_layers: int
     """Global number of transformer layers (router.layer_number is 1-based and global)."""
     lpr_loss_coeff: float = 0.0
+    """γ: the LPR loss's weight in the objective, L_lpr being a mean over MoE layers (or a sum, see layer_reduction)."""
     allocation_loss_coeff: float = 0.0
+    layer_reduction: str = "mean"
+    """mean: the router losses are means over the MoE layers (the paper's γ); sum: per-layer sums."""
     allocation_mask: torch.Tensor | None = None
     """[num_languages, E] bool: experts each language may use (None: no allocation)."""
     mask_by_language: bool = False
@@ -48,6 +59,13 @@ class ProbeSettings:
             raise DeltaMoEError("--lpr-loss-coeff and --allocation-loss-coeff must be >= 0")
         if (self.mask_by_language or self.allocation_loss_coeff > 0) and self.allocation_mask is None:
             raise DeltaMoEError("--expert-allocation by-language and --allocation-loss-coeff need --expert-allocation-map")
+        if self.layer_reduction not in ("mean", "sum"):
+            raise DeltaMoEError(f"--router-loss-layer-reduction must be mean or sum, got {self.layer_reduction!r}")
+
+    @property
+    def layer_weight(self) -> float:
+        """Each MoE layer's share of a router loss coefficient: 1 / L for the mean over layers, 1 for the sum."""
+        return 1.0 / self.num_layers if self.layer_reduction == "mean" else 1.0
 
 
 @dataclass
@@ -58,7 +76,8 @@ class RouterProbe:
     sums: torch.Tensor | None = None
     """Running sums since the last report, kept on the model's device (no host sync per layer):
     [0] expert-0 probability and [1] token count, each [layers, languages]; [2, 0, 0] sum of per-layer LPR losses,
-    [2, 0, 1] number of (layer, micro-batch) terms."""
+    [2, 0, 1] number of (layer, micro-batch) terms, [2, 0, 2] the router losses added to the objective (coefficients
+    and layer weights applied, summed over layers and micro-batches), [2, 0, 3] micro-batches (first-layer calls)."""
 
     def reset(self) -> None:
         self.sums = None
@@ -66,7 +85,8 @@ class RouterProbe:
     def _sums(self, device) -> torch.Tensor:
         if self.sums is None:
             s = self.settings
-            self.sums = torch.zeros(3, s.num_layers, max(s.num_languages, 2), dtype=torch.float64, device=device)
+            self.sums = torch.zeros(3, s.num_layers, max(s.num_languages, SUMS_MIN_WIDTH), dtype=torch.float64,
+                                    device=device)
         return self.sums
 
     def set_batch(self, lang_ids: torch.Tensor, original_mask: torch.Tensor) -> None:
@@ -115,15 +135,19 @@ class RouterProbe:
             sums[1, layer].index_add_(0, index, valid)
         if torch.is_grad_enabled():
             aux = None
+            if layer == 0:
+                sums[2, 0, 3] += 1.0
             if s.lpr_loss_coeff > 0:
                 lpr = lpr_loss(logits, mask, 0, from_logits=True)
                 sums[2, 0, 0] += lpr.detach().double()
                 sums[2, 0, 1] += 1.0
-                aux = s.lpr_loss_coeff * lpr
+                aux = (s.lpr_loss_coeff * s.layer_weight) * lpr
             if s.allocation_loss_coeff > 0:
                 alloc = allocation_loss(logits, lang, s.allocation_mask.to(logits.device), from_logits=True)
-                aux = alloc * s.allocation_loss_coeff if aux is None else aux + alloc * s.allocation_loss_coeff
+                weighted = (s.allocation_loss_coeff * s.layer_weight) * alloc
+                aux = weighted if aux is None else aux + weighted
             if aux is not None:
+                sums[2, 0, 2] += aux.detach().double()
                 probs = _attach(router, probs, aux)
         return probs, routing_map
 

@@ -9,8 +9,12 @@ top-k), expert 0 = the frozen original FFN. Normaliser: the number of tokens wit
 (zjwang21/MoE-LPR, transformers/.../modeling_qwen2.py `lpr_loss_func`: CrossEntropyLoss averaged over the rows the
 language mask selects); a batch without original-language tokens gives 0, not NaN. That code feeds the softmax
 probabilities into CrossEntropyLoss, which applies a second (log-)softmax to them; we take log G_0 of the real
-probabilities. It also averages over layers, where `lpr_loss_over_layers` sums by default (Megatron adds each
-layer's router loss to the total; reduction="mean" gives MoE-LPR's layer average = sum / num_layers).
+probabilities. It also averages over layers (`torch.stack` of every layer's router weights, then one mean over all
+selected rows), and so does DeltaMoE (DESIGN.md decision 13, "the paper's γ"): the objective is
+L_lm + γ * mean over MoE layers of L_lpr, so γ = 0.1 is the paper's γ. `lpr_loss_over_layers` defaults to that mean;
+reduction="sum" is the per-layer sum of zjwang21/Megatron-LM-MoELPR, whose routers each attach the full coefficient
+(L times the mean; the trainer's `--router-loss-layer-reduction sum`). The trainer applies the convention per layer
+(router_probe.py: each layer adds coeff / L times its loss), the allocation loss likewise.
 
 Allocation loss (language-allocated experts, allocation.py): the same prior for a SET of experts per language,
 
@@ -81,8 +85,8 @@ def lpr_loss(router_probs: torch.Tensor, original_mask: torch.Tensor, expert_ind
 
 
 def lpr_loss_over_layers(per_layer: Sequence[torch.Tensor], original_mask: torch.Tensor, expert_index: int = 0, *,
-                         from_logits: bool = False, reduction: str = "sum") -> torch.Tensor:
-    """lpr_loss of every MoE layer, summed ("sum") or averaged over layers ("mean", as MoE-LPR's code)."""
+                         from_logits: bool = False, reduction: str = "mean") -> torch.Tensor:
+    """lpr_loss of every MoE layer, averaged over layers ("mean", MoE-LPR's code, the default) or summed ("sum")."""
     if not per_layer:
         raise DeltaMoEError("lpr_loss_over_layers: no MoE layer router scores given")
     losses = torch.stack([lpr_loss(p, original_mask, expert_index, from_logits=from_logits) for p in per_layer])

@@ -3,7 +3,8 @@
 Example (one process; a CPU is enough for models that fit in memory):
     deltamoe upcycle --dense /ckpt/qwen2.5-0.5b-megatron --out /ckpt/qwen2.5-0.5b-moe6 --num-experts 6 --topk 2
 
-Shared-expert variant (the FFN becomes an always-on shared expert; 8 routed experts of FFN/4 rows each):
+Shared-expert variant (the FFN becomes an always-on shared expert; 8 routed experts of FFN/4 rows each; exports to
+Qwen2-MoE, the one HF format with a shared expert, so it is refused for Qwen3, whose q/k norms Qwen2-MoE lacks):
     deltamoe upcycle --dense /ckpt/llama --out /ckpt/llama-shared --variant shared --num-experts 8 --topk 2 --granularity 4
 
 The output is a Megatron-LM trainer checkpoint (`--load OUT --ckpt-format torch_dist`) plus `deltamoe_upcycle.json`,
@@ -65,6 +66,7 @@ def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, 
     `spec`: the module tree both models are built with (default specs.CONVERSION_SPEC); the files do not depend on it.
     """
     from deltamoe.architectures import read_architecture_config
+    from deltamoe.architectures.moe import check_exportable
     from deltamoe.common.hf_folder import copy_tokenizer_files
     from deltamoe.megatron_ext.runtime.checkpoint import CheckpointMetadata, load_model, read_metadata, save_checkpoint
     from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
@@ -83,6 +85,9 @@ def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, 
                       granularity=granularity, noise_std=noise_std, seed=seed, router_init=router_init,
                       router_init_std=router_init_std, base_architecture=arch.name,
                       expert_model_parallel_size=expert_parallel_size)
+    settings = moe_settings_for(plan)
+    # Exact or refused, and before days of training: the MoE must fit an HF format (DESIGN.md decision 12).
+    check_exportable(arch_config, dataclasses.asdict(settings), f"upcycle --variant {variant} of a {arch.name} model")
     check_output_dir(out, inputs=[dense], overwrite=overwrite)
 
     init_distributed(ParallelLayout())
@@ -98,7 +103,6 @@ def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, 
     moe_sd = upcycle_state_dict(dense_sd, plan, arch_config.num_layers)
     del dense_model, dense_sd
 
-    settings = moe_settings_for(plan)
     params_dtype = getattr(torch, meta.params_dtype)
     cfg = transformer_config(arch_config, moe=settings, params_dtype=params_dtype)
     # Every spec writes the TE spec's torch_dist keys (runtime/checkpoint_layout.py), so training loads this under any.

@@ -30,6 +30,9 @@ class MoESettings:
     shared_expert_gate: bool = False
     aux_loss_coeff: float = 0.0
     token_dispatcher: str = "alltoall"
+    router_pre_softmax: bool = False
+    """Top-k of the softmax over all experts without renormalisation (`--moe-router-pre-softmax`, Qwen-MoE's
+    `norm_topk_prob: false`); False: softmax over the top-k logits = renormalised top-k, the upcycle's exact start."""
 
     def __post_init__(self):
         if self.num_experts < 2:
@@ -113,9 +116,10 @@ def transformer_config(
             moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
             moe_aux_loss_coeff=moe.aux_loss_coeff,
             moe_token_dispatcher_type=moe.token_dispatcher,
-            # softmax over all experts -> top-k -> renormalise (equivalently softmax over the top-k logits).
+            # softmax over all experts -> top-k -> renormalise (equivalently softmax over the top-k logits), or without
+            # the renormalisation when the checkpoint records router_pre_softmax.
             moe_router_score_function="softmax",
-            moe_router_pre_softmax=False,
+            moe_router_pre_softmax=moe.router_pre_softmax,
             moe_router_dtype="fp32",
             moe_permute_fusion=False,
         )

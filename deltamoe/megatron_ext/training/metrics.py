@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from deltamoe.megatron_ext.moe.router_probe import RouterProbe
+from deltamoe.megatron_ext.moe.router_probe import SUMS_MIN_WIDTH, RouterProbe
 
 
 class LanguageMetrics:
@@ -51,7 +51,7 @@ class LanguageMetrics:
         lm = self.lm_sums if self.lm_sums is not None else torch.zeros(2, num_lang, dtype=torch.float64, device=device)
         probe_sums = self.probe.sums
         if probe_sums is None:
-            probe_sums = torch.zeros(3, self.num_layers, max(num_lang, 2), dtype=torch.float64, device=device)
+            probe_sums = torch.zeros(3, self.num_layers, max(num_lang, SUMS_MIN_WIDTH), dtype=torch.float64, device=device)
         flat = torch.cat([lm.reshape(-1).to(device), probe_sums.reshape(-1).to(device)])
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flat)
@@ -69,6 +69,9 @@ class LanguageMetrics:
                                             for layer in range(self.num_layers)]
         if probe[2, 0, 1] > 0:
             record["lpr_loss_per_layer"] = float(probe[2, 0, 0] / probe[2, 0, 1])
+        if probe[2, 0, 2] > 0 and probe[2, 0, 3] > 0:
+            # What the router losses add to the objective per micro-batch (γ · L_lpr + coeff · L_alloc, layer-averaged).
+            record["router_loss"] = float(probe[2, 0, 2] / probe[2, 0, 3])
         if _rank() == 0:
             self._write(record)
         return record
@@ -95,8 +98,9 @@ class LanguageMetrics:
                     writer.add_scalar(f"deltamoe/expert0_prob/{lang}/layer{layer}", value, it)
             if values:
                 writer.add_scalar(f"deltamoe/expert0_prob/{lang}/mean", sum(values) / len(values), it)
-        if "lpr_loss_per_layer" in record:
-            writer.add_scalar("deltamoe/lpr_loss_per_layer", record["lpr_loss_per_layer"], it)
+        for key in ("lpr_loss_per_layer", "router_loss"):
+            if key in record:
+                writer.add_scalar(f"deltamoe/{key}", record[key], it)
 
 
 def _device() -> torch.device:

@@ -3,8 +3,12 @@
 Megatron-LM's own flags do everything they usually do (parallel sizes, precision, optimizer, schedule, checkpoints,
 logging); the architecture comes from the checkpoint's `deltamoe.json`. DeltaMoE adds the model provider (freezing
 per stage, router probe), the forward step (LM loss + router losses, per-language metrics), the language-tagged
-dataset provider and a few flags (see `flags.py`: --deltamoe-stage, --lpr-loss-coeff, --original-languages,
---expert-allocation, --allocation-loss-coeff, --routing-log-interval, --routing-log-file).
+dataset provider and a few flags (see `flags.py`: --deltamoe-stage, --lpr-loss-coeff, --router-loss-layer-reduction,
+--original-languages, --expert-allocation, --allocation-loss-coeff, --routing-log-interval, --routing-log-file).
+Routing flags the Hugging Face MoE formats cannot express are refused before Megatron starts (flags.REFUSED_ROUTING);
+the routing a run trains with is recorded in <--save>/deltamoe.json, which `deltamoe export` writes into the HF config.
+With `--expert-allocation by-language`, experts that no language of the data may use are frozen for the run and the
+routers carry no weight decay, so those experts and their router rows stay bit-identical (moe/freezing.py).
 
 Stage 1, one process (CPU works: gloo and the CPU flags below are added when CUDA is absent):
     python -m deltamoe.megatron_ext.training.train --deltamoe-stage 1 \
@@ -20,7 +24,7 @@ One node, 8 GPUs, expert parallel 4 (torchrun):
 Stage 2 (routers only, language-prior loss, original-language replay in the blend):
     torchrun --nproc-per-node 8 -m deltamoe.megatron_ext.training.train --deltamoe-stage 2 \
         --pretrained-checkpoint /ckpt/stage1 --load /ckpt/stage2 --save /ckpt/stage2 \
-        --data-path 0.5 /data/en_replay 0.5 /data/es_text --original-languages en --lpr-loss-coeff 0.01 ...
+        --data-path 0.5 /data/en_replay 0.5 /data/es_text --original-languages en --lpr-loss-coeff 0.1 ...
 
 A cluster (Slurm; one task per node, torchrun starts the local ranks):
     srun --nodes 4 --ntasks-per-node 1 torchrun --nnodes 4 --nproc-per-node 8 \
@@ -51,6 +55,7 @@ Optimizer and checkpoints (why the entry adds --use-distributed-optimizer by def
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -80,6 +85,8 @@ class _State:
     blend = None
     probe = None
     metrics = None
+    idle_experts: list[int] = []
+    """Experts no token of this run can reach (by-language masking): frozen, and the routers carry no weight decay."""
     freeze_reports: list = []
 
 
@@ -119,8 +126,9 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     from megatron.training import get_args, print_rank_0
     from megatron.training.argument_utils import core_transformer_config_from_args
 
+    from deltamoe.megatron_ext.internals import NO_WEIGHT_DECAY_ATTR
     from deltamoe.megatron_ext.moe.freezing import apply_stage_freezing
-    from deltamoe.megatron_ext.moe.router_probe import install_router_probe
+    from deltamoe.megatron_ext.moe.router_probe import install_router_probe, routers
     from deltamoe.megatron_ext.runtime.model_builder import build_gpt_model
 
     args = get_args()
@@ -128,10 +136,16 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     model = build_gpt_model(_State.arch, cfg, padded_vocab=_State.meta.padded_vocab_size, spec=args.deltamoe_layer_spec,
                             pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
     if args.deltamoe_stage > 0:  # stage 0 (dense continued pre-training) trains every parameter
-        report = apply_stage_freezing(model, stage=args.deltamoe_stage, frozen_experts=_State.plan.frozen_experts,
+        frozen = sorted({*_State.plan.frozen_experts, *_State.idle_experts})
+        report = apply_stage_freezing(model, stage=args.deltamoe_stage, frozen_experts=frozen,
                                       num_experts=args.num_experts)
         _State.freeze_reports.append(report)
         print(f"[rank {torch.distributed.get_rank()}] {report.summary()}", flush=True)
+        if _State.idle_experts:
+            for router in routers(model):
+                setattr(router.weight, NO_WEIGHT_DECAY_ATTR, True)
+            print_rank_0(f"DeltaMoE: experts {_State.idle_experts} receive no tokens by design (by-language masking, "
+                         "no language of the data may use them): frozen; routers without weight decay")
         install_router_probe(model, _State.probe)
 
     def finalize_and_report(*f_args, **f_kwargs):
@@ -188,32 +202,45 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
 build_datasets_on_every_rank(datasets_provider)
 
 
-def _prepare_save_folder(save: str | None, source: Path) -> None:
-    """Make --save a DeltaMoE checkpoint folder too: metadata, upcycle plan and tokenizer next to megatron's iterations."""
+def _prepare_save_folder(args, source: Path) -> None:
+    """Make --save a DeltaMoE checkpoint folder too: the upcycle plan and tokenizer next to megatron's iterations, and
+    the metadata with the routing this run trains with (what export writes into the HF config) and its record."""
+    import dataclasses
+
     from deltamoe.common.hf_folder import TOKENIZER_FILES
     from deltamoe.megatron_ext.moe.plan import PLAN_FILE
     from deltamoe.megatron_ext.runtime.checkpoint import METADATA_FILE
+    from deltamoe.megatron_ext.training.flags import recorded_moe, training_record
 
-    if not save or int(os.environ.get("RANK", "0")) != 0 or Path(save).resolve() == source.resolve():
+    save = args.save
+    if not save or int(os.environ.get("RANK", "0")) != 0:
         return
     Path(save).mkdir(parents=True, exist_ok=True)
-    for name in (METADATA_FILE, PLAN_FILE, *TOKENIZER_FILES, "generation_config.json"):
-        if (source / name).exists():
-            tmp = Path(save) / f".{name}.tmp-{os.getpid()}"
-            shutil.copy2(source / name, tmp)
-            os.replace(tmp, Path(save) / name)
+
+    def replace(name: str, write) -> None:
+        tmp = Path(save) / f".{name}.tmp-{os.getpid()}"
+        write(tmp)
+        os.replace(tmp, Path(save) / name)
+
+    if Path(save).resolve() != source.resolve():
+        for name in (PLAN_FILE, *TOKENIZER_FILES, "generation_config.json"):
+            if (source / name).exists():
+                replace(name, lambda tmp, name=name: shutil.copy2(source / name, tmp))
+    meta = _State.meta
+    history = {**(meta.source.get("training") or {}), f"stage{args.deltamoe_stage}": training_record(args)}
+    recorded = dataclasses.replace(meta, moe=recorded_moe(meta, args), source={**meta.source, "training": history})
+    replace(METADATA_FILE, lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(recorded), indent=2) + "\n"))
 
 
 def _setup(args) -> None:
     """After Megatron parsed the flags: validate, read the data blend, build the probe and metrics."""
     from deltamoe.megatron_ext.data.blend import load_language_blend
     from deltamoe.megatron_ext.data.language_tag import read_language_tag
-    from deltamoe.megatron_ext.moe.allocation import ExpertAllocation
+    from deltamoe.megatron_ext.moe.allocation import ExpertAllocation, idle_experts
     from deltamoe.megatron_ext.moe.router_probe import ProbeSettings, RouterProbe
-    from deltamoe.megatron_ext.training.flags import check_model_args, read_allocation_map, split_languages
+    from deltamoe.megatron_ext.training.flags import read_allocation_map, split_languages
     from deltamoe.megatron_ext.training.metrics import LanguageMetrics
 
-    check_model_args(args, _State.meta, _State.arch)
     if not args.data_path:
         raise DeltaMoEError("--data-path is required: language-tagged datasets from `deltamoe prepare-data`")
     from deltamoe.megatron_ext.data.blend import parse_blend
@@ -233,8 +260,11 @@ def _setup(args) -> None:
                                       shared_experts=raw.get("shared_experts", []), num_experts=args.num_experts,
                                       topk=args.moe_router_topk, expert_model_parallel_size=args.expert_model_parallel_size)
         allocation_mask = allocation.mask()
+    if args.expert_allocation == "by-language" and allocation_mask is not None and args.deltamoe_stage == 1:
+        _State.idle_experts = idle_experts(allocation_mask, _State.blend.dataset_language_ids)
     settings = ProbeSettings(num_languages=len(languages), num_layers=args.num_layers,
                              lpr_loss_coeff=args.lpr_loss_coeff, allocation_loss_coeff=args.allocation_loss_coeff,
+                             layer_reduction=args.router_loss_layer_reduction,
                              allocation_mask=allocation_mask, mask_by_language=args.expert_allocation == "by-language")
     _State.probe = RouterProbe(settings)
     log_file = args.routing_log_file or (str(Path(args.save) / "deltamoe_routing.jsonl") if args.save else None)
@@ -243,11 +273,32 @@ def _setup(args) -> None:
                                      stage=args.deltamoe_stage)
 
 
+def check_user_flags(argv: list[str], meta, arch, plan, stage: int):
+    """Put the checkpoint's model flags before the user's (sys.argv, which Megatron parses) and run DeltaMoE's checks on
+    the parsed flags, before Megatron validates or starts anything: a routing flag the HF formats cannot express, or
+    one contradicting the checkpoint, gets one error naming it instead of an assertion or a failure minutes later."""
+    from megatron.training.arguments import parse_args
+
+    from deltamoe.architectures.moe import check_exportable
+    from deltamoe.megatron_ext.training.flags import add_deltamoe_arguments, check_model_args, recorded_moe
+
+    sys.argv = [sys.argv[0], *default_flags(argv, meta, arch, stage), *argv]
+    parsed = parse_args(extra_args_provider=add_deltamoe_arguments)
+    check_model_args(parsed, meta, arch, plan=plan)
+    if meta.is_moe:
+        check_exportable(arch, recorded_moe(meta, parsed), "this training run")
+    return parsed
+
+
 def main(argv: list[str] | None = None) -> None:
     from megatron.core.enums import ModelType
 
     from deltamoe.architectures import read_architecture_config
-    from deltamoe.megatron_ext.internals import disable_dataset_helper_compilation, fix_torch_adam_resume
+    from deltamoe.megatron_ext.internals import (
+        disable_dataset_helper_compilation,
+        exempt_marked_parameters_from_weight_decay,
+        fix_torch_adam_resume,
+    )
     from deltamoe.megatron_ext.moe.plan import UpcyclePlan
     from deltamoe.megatron_ext.runtime import cpu_compat
     from deltamoe.megatron_ext.runtime.checkpoint import TRACKER_FILE, read_metadata
@@ -274,16 +325,17 @@ def main(argv: list[str] | None = None) -> None:
     flag = "--load" if resuming else "--pretrained-checkpoint"
     if _argv_value(argv, flag):
         check_trainer_can_load(_argv_value(argv, flag), is_moe=_State.meta.is_moe, flag=flag)
-    sys.argv = [sys.argv[0], *default_flags(argv, _State.meta, _State.arch, int(stage)), *argv]
 
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
+    check_user_flags(argv, _State.meta, _State.arch, _State.plan, int(stage))
     args = parse_and_validate_args(extra_args_provider=add_deltamoe_arguments)
     fix_torch_adam_resume()
+    exempt_marked_parameters_from_weight_decay()
     _setup(args)
-    _prepare_save_folder(args.save, source)
+    _prepare_save_folder(args, source)
     cfg_container = pretrain_cfg_container_from_args(args)
     pretrain(cfg_container, datasets_provider, ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
 
