@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                         help="pad the vocabulary to a multiple of this, as Megatron-LM's trainer does")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--ignore-config-field", action="append", default=[], metavar="FIELD", dest="ignore_config_fields",
+                        help="accept config.json field FIELD that DeltaMoE's architecture table does not know (a newer "
+                             "transformers, a custom config), as transformers' model class ignores it; only when it does "
+                             "not change the model's function. Repeatable; a RoPE key is rope_parameters.KEY. Recorded in "
+                             "the checkpoint's deltamoe.json. Known fields that change the function cannot be ignored")
 
 
 def _hf_dtype(reader: SafetensorsReader) -> torch.dtype:
@@ -49,11 +54,13 @@ def _hf_dtype(reader: SafetensorsReader) -> torch.dtype:
     return reader.get(name).dtype
 
 
-def convert_into(model, reader: SafetensorsReader, hf_config: dict, *, padded_vocab: int, source: str) -> None:
+def convert_into(model, reader: SafetensorsReader, hf_config: dict, *, padded_vocab: int, source: str,
+                 ignored_config_fields=()) -> None:
     """Fill a Megatron model (this rank's shard) from a HF reader, checking every tensor's shape."""
     from megatron.core import parallel_state
 
-    arch, config = read_architecture_config(hf_config, source=f"{source}/config.json")
+    arch, config = read_architecture_config(hf_config, source=f"{source}/config.json",
+                                            ignored_fields=ignored_config_fields)
     bindings = expand_rules(arch.rules, config)
     check_hf_accounting(bindings, reader.keys(), arch.dropped_hf, source)
     _check_shapes(bindings, reader, config, source)
@@ -120,7 +127,7 @@ def _check_shapes(bindings, reader: SafetensorsReader, config, source: str) -> N
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
-              vocab_divisible_by: int = 128, overwrite: bool = False) -> Path:
+              vocab_divisible_by: int = 128, overwrite: bool = False, ignore_config_fields=()) -> Path:
     """Convert; every rank of the (tp x pp) group calls this. Returns the output folder."""
     from deltamoe.megatron_ext.runtime.checkpoint import CheckpointMetadata, save_checkpoint
     from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
@@ -130,7 +137,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
 
     hf_dir = Path(hf_dir)
     hf_config = read_config(hf_dir)
-    _, config = read_architecture_config(hf_config, source=str(hf_dir / "config.json"))
+    ignored = sorted(set(ignore_config_fields))
+    _, config = read_architecture_config(hf_config, source=str(hf_dir / "config.json"), ignored_fields=ignored)
     padded = padded_vocab_size(config.vocab_size, vocab_divisible_by)
     check_tensor_parallel(config, tp, padded, source=str(hf_dir / "config.json"))
     if config.num_layers % pp:
@@ -148,7 +156,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
     cfg = transformer_config(config, params_dtype=params_dtype, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     model = build_gpt_model(config, cfg, padded_vocab=padded, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
-    convert_into(model, reader, hf_config, padded_vocab=padded, source=str(hf_dir))
+    convert_into(model, reader, hf_config, padded_vocab=padded, source=str(hf_dir), ignored_config_fields=ignored)
 
     started = time.time()
     meta = CheckpointMetadata(
@@ -157,6 +165,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
         params_dtype=str(params_dtype).removeprefix("torch."),
         source={"hf": str(hf_dir.resolve()), "sha256": sha256_dir(hf_dir) if torch.distributed.get_rank() == 0 else {},
                 "imported_with": {"tp": tp, "pp": pp}},
+        ignored_config_fields=ignored,
     )
     # All ranks write into one temporary folder that rank 0 made; rank 0 renames it once every rank is done.
     out = Path(out).resolve()
@@ -182,5 +191,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
 
 def main(args: argparse.Namespace) -> int:
     import_hf(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-              vocab_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite)
+              vocab_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite,
+              ignore_config_fields=args.ignore_config_fields)
     return 0

@@ -246,7 +246,6 @@ def _setup(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     from megatron.core.enums import ModelType
 
-    from deltamoe.architectures import read_architecture_config
     from deltamoe.megatron_ext.internals import disable_dataset_helper_compilation, fix_torch_adam_resume
     from deltamoe.megatron_ext.moe.plan import UpcyclePlan
     from deltamoe.megatron_ext.runtime import cpu_compat
@@ -266,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         raise DeltaMoEError("--deltamoe-stage 1, 2 (or 0: dense continued pre-training) is required")
     source = checkpoint_folder(argv)
     _State.meta = read_metadata(source)
-    _, _State.arch = read_architecture_config(_State.meta.hf_config, source=str(source / "deltamoe.json"))
+    _, _State.arch = _State.meta.architecture(str(source / "deltamoe.json"))
     _State.plan = UpcyclePlan.load(source) if _State.meta.is_moe else None
     sys.argv = [sys.argv[0], *default_flags(argv, _State.meta, _State.arch, int(stage)), *argv]
 
