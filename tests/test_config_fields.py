@@ -93,7 +93,7 @@ def _neutral_fields(config):
                   output_hidden_states=False, use_bfloat16=False, pruned_heads={}, is_encoder_decoder=False)
 
 
-LLAMA3 = _rope("llama3", 500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+LLAMA3 = _rope("llama3", 500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                original_max_position_embeddings=8192)
 YARN = _rope("yarn", factor=4.0, original_max_position_embeddings=64)
 SLIDING = dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)
