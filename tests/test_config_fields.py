@@ -218,6 +218,8 @@ REFUSED_CASES = [
                                    "original_max_position_embeddings": 4096, **_ROPE}},
      r"original_max_position_embeddings=4096 is not supported.*supported: 8192"),
     ("llama", {"rope_parameters": {"rope_type": "linear", **_ROPE}}, r"rope_parameters of rope_type 'linear' lacks 'factor'"),
+    ("qwen2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": None, **_ROPE}},
+     r"rope_parameters.original_max_position_embeddings=None is not supported; supported: a number"),
     ("qwen3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
                                    "attention_factor": 2.0, **_ROPE}},
      r"rope_parameters.attention_factor=2.0 is not supported: megatron-core derives YaRN's attention factor"),

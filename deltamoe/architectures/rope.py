@@ -136,15 +136,18 @@ def read_rope(hf_config: dict, *, max_position_embeddings: int, ignored: set[str
                             "rotates a prefix; supported: 1.0")
     theta = float(params["rope_theta"])
 
-    def required(key: str):
+    def required(key: str, *, nullable: bool = False):
         if key not in params:
             raise DeltaMoEError(f"{source}: {field} of rope_type {rope_type!r} lacks {key!r} (transformers requires it)")
-        return params[key]
+        value = params[key]
+        if not (nullable and value is None) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise DeltaMoEError(f"{source}: {field}.{key}={value!r} is not supported; supported: a number")
+        return value
 
     if rope_type == "default":
         return Rope(theta=theta)
     if rope_type in ("linear", "proportional"):
-        factor = float(required("factor") if rope_type == "linear" else params.get("factor", 1.0))
+        factor = float(required("factor") if rope_type == "linear" or "factor" in params else 1.0)
         return Rope(theta=theta, linear_factor=None if factor == 1.0 else factor)
     if rope_type == "llama3":
         settings = {key: required(key) for key in ("factor", *MEGATRON_LLAMA3)}
@@ -160,8 +163,8 @@ def read_rope(hf_config: dict, *, max_position_embeddings: int, ignored: set[str
 
 def _read_yarn(params: dict, max_position_embeddings: int, field: str, source: str, required) -> YarnRope:
     """transformers' _compute_yarn_parameters, in megatron's YarnRotaryEmbedding arguments."""
-    original = int(params["original_max_position_embeddings"])
-    factor = required("factor")
+    original = int(required("original_max_position_embeddings"))
+    factor = required("factor", nullable=True)
     factor = float(max_position_embeddings / original if factor is None else factor)
     mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
     if mscale and mscale_all_dim:

@@ -7,6 +7,12 @@ Tensor-parallel layout at import (the checkpoint still loads at any TP/PP afterw
     torchrun --nproc-per-node 2 -m deltamoe import --hf /models/Llama-3.2-1B --out /ckpt/llama --tp 2
 
 Then train with `--load /ckpt/llama --ckpt-format torch_dist --tokenizer-model /ckpt/llama`.
+
+Imports are exact or refused. Every config.json field is accounted for by the architecture's config table
+(`python -m deltamoe.architectures` prints them): mapped to a megatron-core setting, known not to change the function,
+or refused unless at its neutral value. A field the table does not know is refused too; once you know it leaves the
+function unchanged, name it (recorded in the checkpoint's deltamoe.json):
+    deltamoe import --hf /models/custom-llama --out /ckpt/custom --ignore-config-field my_serving_hint
 Every HF tensor is consumed by the architecture's mapping table or dropped explicitly; shapes are checked tensor by
 tensor; tensors are read lazily from the safetensors shards. The output appears only when complete.
 """
