@@ -1,4 +1,5 @@
-"""What an architecture mapping is: config-field pairs, parameter-name rules with typed transforms, dropped names.
+"""What an architecture mapping is: a config-field table (fields.py), parameter-name rules with typed transforms,
+dropped names.
 
 One table per Hugging Face architecture (llama.py, qwen2.py, qwen3.py), in the shape of Megatron-Bridge's bridges and
 torchtitan's state-dict adapters. Megatron names are those of a megatron-core `GPTModel` built with the local spec at
@@ -11,6 +12,9 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+from deltamoe.architectures.fields import Field
+from deltamoe.architectures.rope import YarnRope
 
 
 class Transform(Enum):
@@ -32,7 +36,11 @@ class Rule:
 
 @dataclass(kw_only=True)
 class ArchitectureConfig:
-    """The model facts every converter needs, read from a HF config.json through an architecture's field table."""
+    """The model facts every converter needs, read from a HF config.json through an architecture's field table.
+
+    Everything here reaches megatron-core twice, the same way: `model_builder.transformer_config` /
+    `build_gpt_model` (import, export, upcycle) and the trainer's flags (`training/flags.checkpoint_model_flags`).
+    """
 
     architecture: str
     num_layers: int
@@ -45,10 +53,26 @@ class ArchitectureConfig:
     max_position_embeddings: int
     norm_epsilon: float
     rope_theta: float
+    position_embedding_type: str = "rope"
+    """GPTModel's: "rope", or "yarn" (with `yarn`)."""
     rope_scaling_factor: float | None = None
+    """llama3 RoPE scaling factor (GPTModel rope_scaling); None: no llama3 scaling."""
+    rope_linear_factor: float | None = None
+    """Linear RoPE scaling (GPTModel seq_len_interpolation_factor); None: none."""
+    yarn: YarnRope | None = None
+    attention_dropout: float = 0.0
+    sliding_window: int | None = None
+    """Tokens a sliding-window layer attends to, itself included (HF's sliding_window); None: full attention."""
+    sliding_window_layers: tuple[int, ...] | None = None
+    """Per layer: 1 = sliding window, 0 = full attention (megatron's window_attn_skip_freq list)."""
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     qk_layernorm: bool = False
+
+    @property
+    def window_size(self) -> tuple[int, int] | None:
+        """megatron-core's (left, right) window: HF's window of W tokens is the W - 1 before the query and itself."""
+        return None if self.sliding_window is None else (self.sliding_window - 1, 0)
 
 
 @dataclass(frozen=True)
@@ -57,28 +81,18 @@ class Architecture:
     hf_architectures: tuple[str, ...]
     """HF `architectures` / `model_type` values this mapping reads."""
     model_types: tuple[str, ...]
-    config_fields: dict[str, str]
-    """HF config field -> ArchitectureConfig field."""
-    rules: tuple[Rule, ...]
+    config_table: tuple[Field, ...] = field(repr=False)
+    """Every config.json field, accounted for (fields.py): mapped, neutral or refused."""
+    rules: tuple[Rule, ...] = field(repr=False)
     dropped_hf: tuple[str, ...] = ()
     """HF tensors that carry no weights megatron needs (regex patterns), dropped explicitly."""
     fixed: dict[str, Any] = field(default_factory=dict)
     """ArchitectureConfig fields fixed by the architecture (e.g. Qwen2 always has qkv bias)."""
     moe_format: str = ""
     """The HF MoE format this dense architecture exports to (mixtral, qwen2_moe, qwen3_moe)."""
+    sliding_window: bool = False
+    """Whether the HF model reads use_sliding_window / sliding_window / max_window_layers / layer_types."""
 
-
-COMMON_CONFIG_FIELDS = {
-    "num_hidden_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "ffn_hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "num_key_value_heads": "num_query_groups",
-    "vocab_size": "vocab_size",
-    "max_position_embeddings": "max_position_embeddings",
-    "rms_norm_eps": "norm_epsilon",
-    "tie_word_embeddings": "tie_word_embeddings",
-}
 
 ATTENTION_RULES = (
     Rule("decoder.layers.{i}.input_layernorm.weight", ("model.layers.{i}.input_layernorm.weight",)),

@@ -129,6 +129,11 @@ def format_problems(fmt: MoEFormat, config, moe: dict) -> list[str]:
                         "does not have (unit norm weights would still normalise)")
     if moe.get("shared_expert_intermediate_size") and not fmt.has_shared_expert:
         problems.append(f"{name} has no shared expert, and this MoE is the shared variant")
+    if getattr(config, "sliding_window", None) is not None:
+        # Each format places windows its own way (Mixtral: every layer; Qwen2-MoE: from max_window_layers; Qwen3-MoE:
+        # every layer), none per layer as the dense model's layer_types may: not carried over yet.
+        problems.append(f"{name} export does not carry per-layer sliding windows, and this {arch} model uses a "
+                        f"sliding window of {config.sliding_window} tokens")
     if moe.get("router_pre_softmax") and fmt.always_renormalises:
         problems.append(f"{name} always renormalises the top-k routing weights, and this MoE was trained without "
                         "renormalisation (--moe-router-pre-softmax)")
@@ -176,12 +181,12 @@ _DROPPED_DENSE_FIELDS = ("architectures", "model_type", "transformers_version", 
                          "layer_types", "pretraining_tp", "head_dim", "hidden_act")
 
 
-def moe_hf_config(dense_hf_config: dict, fmt: MoEFormat, moe: dict) -> dict:
+def moe_hf_config(dense_hf_config: dict, fmt: MoEFormat, moe: dict, *, ignored_fields=()) -> dict:
     """config.json of the exported MoE: the dense config's neutral fields (sizes, RoPE, norms' epsilon, token ids) plus
     every field of the target format that changes the function, set to what the Megatron model computes."""
     from deltamoe.architectures import read_architecture_config
 
-    _, config = read_architecture_config(dense_hf_config)
+    _, config = read_architecture_config(dense_hf_config, ignored_fields=ignored_fields)
     problems = format_problems(fmt, config, moe)
     if problems:
         raise DeltaMoEError(f"format {fmt.name}: {'; '.join(problems)}")

@@ -7,6 +7,12 @@ Tensor-parallel layout at import (the checkpoint still loads at any TP/PP afterw
     torchrun --nproc-per-node 2 -m deltamoe import --hf /models/Llama-3.2-1B --out /ckpt/llama --tp 2
 
 Then train with `--load /ckpt/llama --ckpt-format torch_dist --tokenizer-model /ckpt/llama`.
+
+Imports are exact or refused. Every config.json field is accounted for by the architecture's config table
+(`python -m deltamoe.architectures` prints them): mapped to a megatron-core setting, known not to change the function,
+or refused unless at its neutral value. A field the table does not know is refused too; once you know it leaves the
+function unchanged, name it (recorded in the checkpoint's deltamoe.json):
+    deltamoe import --hf /models/custom-llama --out /ckpt/custom --ignore-config-field my_serving_hint
 Every HF tensor is consumed by the architecture's mapping table or dropped explicitly; shapes are checked tensor by
 tensor; tensors are read lazily from the safetensors shards. The output appears only when complete.
 """
@@ -42,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                         help="pad the vocabulary to a multiple of this, as Megatron-LM's trainer does")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--ignore-config-field", action="append", default=[], metavar="FIELD", dest="ignore_config_fields",
+                        help="accept config.json field FIELD that DeltaMoE's architecture table does not know (a newer "
+                             "transformers, a custom config), as transformers' model class ignores it; only when it does "
+                             "not change the model's function. Repeatable; a RoPE key is rope_parameters.KEY. Recorded in "
+                             "the checkpoint's deltamoe.json. Known fields that change the function cannot be ignored")
 
 
 def _hf_dtype(reader: SafetensorsReader) -> torch.dtype:
@@ -49,11 +60,13 @@ def _hf_dtype(reader: SafetensorsReader) -> torch.dtype:
     return reader.get(name).dtype
 
 
-def convert_into(model, reader: SafetensorsReader, hf_config: dict, *, padded_vocab: int, source: str) -> None:
+def convert_into(model, reader: SafetensorsReader, hf_config: dict, *, padded_vocab: int, source: str,
+                 ignored_config_fields=()) -> None:
     """Fill a Megatron model (this rank's shard) from a HF reader, checking every tensor's shape."""
     from megatron.core import parallel_state
 
-    arch, config = read_architecture_config(hf_config, source=f"{source}/config.json")
+    arch, config = read_architecture_config(hf_config, source=f"{source}/config.json",
+                                            ignored_fields=ignored_config_fields)
     bindings = expand_rules(arch.rules, config)
     check_hf_accounting(bindings, reader.keys(), arch.dropped_hf, source)
     _check_shapes(bindings, reader, config, source)
@@ -120,7 +133,8 @@ def _check_shapes(bindings, reader: SafetensorsReader, config, source: str) -> N
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
-              vocab_divisible_by: int = 128, overwrite: bool = False, spec: str | None = None) -> Path:
+              vocab_divisible_by: int = 128, overwrite: bool = False, ignore_config_fields=(),
+              spec: str | None = None) -> Path:
     """Convert; every rank of the (tp x pp) group calls this. Returns the output folder.
 
     `spec` is the module tree the weights pass through (default: specs.CONVERSION_SPEC); the files do not depend on
@@ -134,7 +148,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
 
     hf_dir = Path(hf_dir)
     hf_config = read_config(hf_dir)
-    _, config = read_architecture_config(hf_config, source=str(hf_dir / "config.json"))
+    ignored = sorted(set(ignore_config_fields))
+    _, config = read_architecture_config(hf_config, source=str(hf_dir / "config.json"), ignored_fields=ignored)
     padded = padded_vocab_size(config.vocab_size, vocab_divisible_by)
     check_tensor_parallel(config, tp, padded, source=str(hf_dir / "config.json"))
     if config.num_layers % pp:
@@ -155,7 +170,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
 
     model = build_gpt_model(config, cfg, padded_vocab=padded, spec=spec or CONVERSION_SPEC, pre_process=pp_rank == 0,
                             post_process=pp_rank == pp - 1)
-    convert_into(model, reader, hf_config, padded_vocab=padded, source=str(hf_dir))
+    convert_into(model, reader, hf_config, padded_vocab=padded, source=str(hf_dir), ignored_config_fields=ignored)
 
     started = time.time()
     meta = CheckpointMetadata(
@@ -164,6 +179,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
         params_dtype=str(params_dtype).removeprefix("torch."),
         source={"hf": str(hf_dir.resolve()), "sha256": sha256_dir(hf_dir) if torch.distributed.get_rank() == 0 else {},
                 "imported_with": {"tp": tp, "pp": pp}},
+        ignored_config_fields=ignored,
     )
     # All ranks write into one temporary folder that rank 0 made; rank 0 renames it once every rank is done.
     out = Path(out).resolve()
@@ -189,5 +205,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
 
 def main(args: argparse.Namespace) -> int:
     import_hf(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-              vocab_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite)
+              vocab_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite,
+              ignore_config_fields=args.ignore_config_fields)
     return 0

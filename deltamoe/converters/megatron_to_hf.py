@@ -4,7 +4,8 @@ Examples:
     deltamoe export --megatron /ckpt/qwen2.5-0.5b-megatron --out /models/qwen2.5-0.5b-roundtrip
     deltamoe export --megatron /ckpt/llama-moe-stage2 --out /models/llama-deltamoe --format auto   # -> Mixtral
 
-A dense checkpoint exports to its source architecture with its original config.json. An MoE exports to Mixtral
+A dense checkpoint exports to its source architecture with its original config.json, field for field
+(only the dtype field follows --dtype). An MoE exports to Mixtral
 (Llama family), Qwen2-MoE or Qwen3-MoE, exactly or not at all (DESIGN.md decision 12): the format is checked against
 the source architecture and the routing the checkpoint records (architectures/moe.py lists what each format holds),
 and `--format auto` takes the architecture's own format when it holds the model, else the first that does (a Llama
@@ -45,9 +46,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
-def hf_tensors(state: dict[str, torch.Tensor], hf_config: dict, *, moe: dict | None, fmt_name: str | None):
+def dense_hf_config(imported: dict, out_dtype: torch.dtype) -> dict:
+    """The config.json a dense checkpoint was imported from, field for field, order kept. The one field that can
+    change is the weights' dtype, under the name the source used (`dtype`, or 4.x's `torch_dtype`): it names the
+    exported tensors' dtype. A source without either keeps none (transformers then reads the tensors' dtype)."""
+    config = dict(imported)
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = str(out_dtype).removeprefix("torch.")
+    return config
+
+
+def hf_tensors(state: dict[str, torch.Tensor], hf_config: dict, *, moe: dict | None, fmt_name: str | None,
+               ignored_config_fields=()):
     """Yield (hf_name, tensor) from a whole (TP=EP=1) megatron state dict; every megatron tensor must be consumed."""
-    arch, config = read_architecture_config(hf_config)
+    arch, config = read_architecture_config(hf_config, ignored_fields=ignored_config_fields)
     if moe is not None:
         choose_format(fmt_name, config, moe)  # the format holds this model exactly, or a DeltaMoEError says why not
     if moe is None:
@@ -121,7 +134,7 @@ def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtyp
     megatron_dir = Path(megatron_dir)
     meta = read_metadata(megatron_dir)
     check_output_dir(out, inputs=[megatron_dir], overwrite=overwrite)
-    arch, arch_config = read_architecture_config(meta.hf_config)
+    arch, arch_config = meta.architecture(str(megatron_dir / "deltamoe.json"))
     if fmt != "auto" and not meta.moe:
         raise DeltaMoEError(f"{megatron_dir} is a dense checkpoint; --format applies to MoE checkpoints only")
     fmt_name = choose_format(fmt, arch_config, meta.moe) if meta.moe else None
@@ -137,13 +150,19 @@ def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtyp
                              moe_overrides={"grouped_gemm": False} if meta.moe else None)
     # Megatron keeps some tensors (norms) in float32 whatever the model dtype: write everything in one dtype.
     out_dtype = DTYPES[dtype] or getattr(torch, meta.params_dtype)
-    hf_config = moe_hf_config(meta.hf_config, MOE_FORMATS[fmt_name], meta.moe) if meta.moe else dict(meta.hf_config)
-    hf_config["dtype"] = str(out_dtype).removeprefix("torch.")
+    if meta.moe:
+        hf_config = moe_hf_config(meta.hf_config, MOE_FORMATS[fmt_name], meta.moe,
+                                  ignored_fields=meta.ignored_config_fields)
+        hf_config["dtype"] = str(out_dtype).removeprefix("torch.")
+    else:
+        hf_config = dense_hf_config(meta.hf_config, out_dtype)
 
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     with atomic_output_dir(out, inputs=[megatron_dir], overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes)
-        for hf_name, t in tqdm(hf_tensors(state, meta.hf_config, moe=meta.moe, fmt_name=fmt_name), desc="export"):
+        tensors = hf_tensors(state, meta.hf_config, moe=meta.moe, fmt_name=fmt_name,
+                             ignored_config_fields=meta.ignored_config_fields)
+        for hf_name, t in tqdm(tensors, desc="export"):
             writer.add(hf_name, t.to(out_dtype))
         writer.finish()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

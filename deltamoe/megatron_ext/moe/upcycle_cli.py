@@ -65,7 +65,6 @@ def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, 
 
     `spec`: the module tree both models are built with (default specs.CONVERSION_SPEC); the files do not depend on it.
     """
-    from deltamoe.architectures import read_architecture_config
     from deltamoe.architectures.moe import check_exportable
     from deltamoe.common.hf_folder import copy_tokenizer_files
     from deltamoe.megatron_ext.runtime.checkpoint import CheckpointMetadata, load_model, read_metadata, save_checkpoint
@@ -79,7 +78,7 @@ def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, 
     if meta.is_moe:
         raise DeltaMoEError(f"{dense} is already an MoE checkpoint ({meta.moe.get('num_experts')} experts in "
                             f"{dense}/deltamoe.json); upcycle a dense checkpoint from `deltamoe import`")
-    arch, arch_config = read_architecture_config(meta.hf_config, source=str(dense / "deltamoe.json"))
+    arch, arch_config = meta.architecture(str(dense / "deltamoe.json"))
     # Every cheap check runs before any weight is read.
     plan = build_plan(variant=variant, num_experts=num_experts, topk=topk, ffn_hidden_size=arch_config.ffn_hidden_size,
                       granularity=granularity, noise_std=noise_std, seed=seed, router_init=router_init,
@@ -113,6 +112,7 @@ def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, 
         hf_config=meta.hf_config, padded_vocab_size=meta.padded_vocab_size, params_dtype=meta.params_dtype,
         moe=dataclasses.asdict(settings),
         source={"dense": str(dense.resolve()), "dense_source": meta.source, "upcycled_with": plan.variant},
+        ignored_config_fields=meta.ignored_config_fields,
     )
     with atomic_output_dir(out, inputs=[dense], overwrite=overwrite) as tmp:
         save_checkpoint(model, tmp, out_meta)

@@ -40,6 +40,9 @@ class CheckpointMetadata:
     source: dict = field(default_factory=dict)
     """Where the weights came from: paths and sha256 of input files, command."""
     versions: dict = field(default_factory=versions)
+    ignored_config_fields: list[str] = field(default_factory=list)
+    """config.json fields no architecture table accounts for that the user accepted at import
+    (`deltamoe import --ignore-config-field`); every later read of hf_config accepts the same ones."""
 
     def save(self, folder: str | os.PathLike) -> None:
         (Path(folder) / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
@@ -47,6 +50,12 @@ class CheckpointMetadata:
     @property
     def is_moe(self) -> bool:
         return self.moe is not None
+
+    def architecture(self, source: str = METADATA_FILE):
+        """(Architecture, ArchitectureConfig) of hf_config, read as strictly as at import."""
+        from deltamoe.architectures import read_architecture_config
+
+        return read_architecture_config(self.hf_config, source, ignored_fields=self.ignored_config_fields)
 
 
 def read_metadata(folder: str | os.PathLike) -> CheckpointMetadata:
@@ -106,11 +115,10 @@ def load_model(folder: str | os.PathLike, *, spec: str = "local", params_dtype: 
     """Build the checkpoint's model in the current parallel state and load its weights (resharding as needed)."""
     from megatron.core import dist_checkpointing, parallel_state
 
-    from deltamoe.architectures import read_architecture_config
     from deltamoe.megatron_ext.runtime.model_builder import MoESettings, build_gpt_model, transformer_config
 
     meta = read_metadata(folder)
-    _, arch_config = read_architecture_config(meta.hf_config, source=str(Path(folder) / METADATA_FILE))
+    _, arch_config = meta.architecture(str(Path(folder) / METADATA_FILE))
     moe = MoESettings(**{**meta.moe, **(moe_overrides or {})}) if meta.moe else None
     dtype = params_dtype or getattr(torch, meta.params_dtype)
     parallel.setdefault("tensor_model_parallel_size", parallel_state.get_tensor_model_parallel_world_size())

@@ -72,22 +72,11 @@ def transformer_config(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     gpu = torch.cuda.is_available()
+    yarn = config.yarn.megatron_attributes() if config.yarn is not None else {}
     kwargs = dict(
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        ffn_hidden_size=config.ffn_hidden_size,
-        num_attention_heads=config.num_attention_heads,
-        num_query_groups=config.num_query_groups,
-        kv_channels=config.kv_channels,
-        normalization="RMSNorm",
-        layernorm_epsilon=config.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=config.qkv_bias,
-        qk_layernorm=config.qk_layernorm,
+        **{k: v for k, v in architecture_settings(config).items() if k not in yarn},
         hidden_dropout=0.0,
-        attention_dropout=0.0,
+        attention_dropout=config.attention_dropout,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
@@ -124,7 +113,44 @@ def transformer_config(
             moe_permute_fusion=False,
         )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    cfg = TransformerConfig(**kwargs)
+    # GPTModel's yarn branch reads these as attributes of the config, as Megatron-LM's trainer sets them
+    # (megatron.training.argument_utils._apply_yarn_config_from_args).
+    for name, value in yarn.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+def architecture_settings(config: ArchitectureConfig) -> dict:
+    """The TransformerConfig settings that make the function the HF config describes: model_builder sets them, the
+    trainer gets them from `checkpoint_model_flags`, and `build_gpt_model` refuses a config that differs."""
+    settings = dict(
+        num_layers=config.num_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
+        kv_channels=config.kv_channels, normalization="RMSNorm", layernorm_epsilon=config.norm_epsilon,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=config.qkv_bias,
+        qk_layernorm=config.qk_layernorm, rotary_interleaved=False, window_size=config.window_size,
+        window_attn_skip_freq=list(config.sliding_window_layers) if config.sliding_window_layers else None,
+    )
+    if config.yarn is not None:
+        settings.update(config.yarn.megatron_attributes())
+    return settings
+
+
+def check_architecture_settings(config: ArchitectureConfig, transformer_cfg, source: str = "model") -> None:
+    """Refuse a TransformerConfig (e.g. the trainer's, from flags the user overrode) that computes another function."""
+    for name, expected in architecture_settings(config).items():
+        actual = getattr(transformer_cfg, name, None)
+        if isinstance(expected, tuple) and actual is not None:
+            actual = tuple(actual)
+        if actual != expected:
+            raise DeltaMoEError(f"{source}: TransformerConfig.{name} is {actual!r}, the checkpoint's architecture needs "
+                                f"{expected!r}; leave architecture flags to the checkpoint")
+    if config.sliding_window is not None and transformer_cfg.masked_softmax_fusion:
+        # FusedScaleMaskSoftmax.forward_fused_softmax (fusions/fused_softmax.py) takes the causal kernel whenever it
+        # is available and never applies window_size: the local and fast specs need the unfused softmax.
+        raise DeltaMoEError(f"{source}: sliding-window attention needs --no-masked-softmax-fusion (megatron's fused "
+                            "causal softmax ignores window_size)")
 
 
 def build_gpt_model(
@@ -140,6 +166,7 @@ def build_gpt_model(
     """A `GPTModel` for the current parallel state (call `init_distributed` first)."""
     from megatron.core.models.gpt import GPTModel
 
+    check_architecture_settings(config, transformer_cfg)
     layer = specs.decoder_spec(transformer_cfg, qk_layernorm=config.qk_layernorm, spec=spec, vp_stage=vp_stage)
     model = GPTModel(
         config=transformer_cfg,
@@ -149,10 +176,11 @@ def build_gpt_model(
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=config.tie_word_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type=config.position_embedding_type,
         rotary_base=int(config.rope_theta) if float(config.rope_theta).is_integer() else config.rope_theta,
         rope_scaling=config.rope_scaling_factor is not None,
         rope_scaling_factor=config.rope_scaling_factor or 8.0,
+        seq_len_interpolation_factor=config.rope_linear_factor,
         vp_stage=vp_stage,
     )
     if specs.resolve_spec_name(spec) == "fast":
@@ -166,8 +194,8 @@ def build_gpt_model(
 
 
 def model_from_hf_config(hf_config: dict, *, moe: MoESettings | None = None, params_dtype=torch.float32,
-                         spec: str = "auto", source: str = "config.json", **parallel):
+                         spec: str = "auto", source: str = "config.json", ignored_fields=(), **parallel):
     """Convenience: HF config dict -> (ArchitectureConfig, GPTModel) in the current parallel state."""
-    _, arch_config = read_architecture_config(hf_config, source)
+    _, arch_config = read_architecture_config(hf_config, source, ignored_fields=ignored_fields)
     cfg = transformer_config(arch_config, moe=moe, params_dtype=params_dtype, **parallel)
     return arch_config, build_gpt_model(arch_config, cfg, padded_vocab=padded_vocab_size(arch_config.vocab_size), spec=spec)

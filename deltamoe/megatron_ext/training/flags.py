@@ -108,15 +108,7 @@ def checkpoint_model_flags(meta, arch, *, stage: int, user_argv: list[str]) -> l
         raise DeltaMoEError(f"--deltamoe-stage {stage} trains upcycled MoE checkpoints; run `deltamoe upcycle` on this "
                             "dense one first (or --deltamoe-stage 0 for dense continued pre-training)")
     moe = meta.moe
-    flags = [
-        "--num-layers", str(arch.num_layers), "--hidden-size", str(arch.hidden_size),
-        "--ffn-hidden-size", str(arch.ffn_hidden_size), "--num-attention-heads", str(arch.num_attention_heads),
-        "--group-query-attention", "--num-query-groups", str(arch.num_query_groups),
-        "--kv-channels", str(arch.kv_channels), "--max-position-embeddings", str(arch.max_position_embeddings),
-        "--normalization", "RMSNorm", "--norm-epsilon", repr(arch.norm_epsilon), "--swiglu", "--disable-bias-linear",
-        "--position-embedding-type", "rope", "--rotary-base", str(int(arch.rope_theta)),
-        "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
-    ]
+    flags = architecture_flags(arch)
     if moe:
         flags += [
             "--num-experts", str(moe["num_experts"]), "--moe-router-topk", str(moe["topk"]),
@@ -130,6 +122,29 @@ def checkpoint_model_flags(meta, arch, *, stage: int, user_argv: list[str]) -> l
             flags += ["--moe-shared-expert-gate"]
     if moe and moe.get("router_pre_softmax"):
         flags += ["--moe-router-pre-softmax"]  # recorded by an earlier stage: the routed function continues
+    if _argv_value(user_argv, "--tokenizer-type") is None:
+        flags += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(arch.vocab_size)]
+    flags += ["--padded-vocab-size", str(meta.padded_vocab_size)]
+    if moe:
+        aux = STAGE_AUX_LOSS[stage]
+        flags += ["--moe-router-load-balancing-type", "aux_loss" if aux > 0 else "none", "--moe-aux-loss-coeff", str(aux)]
+    return flags
+
+
+def architecture_flags(arch) -> list[str]:
+    """Megatron-LM flags for the function the checkpoint's HF config describes, the same settings
+    `model_builder.transformer_config` uses (`build_gpt_model` refuses a TransformerConfig that differs).
+    GPTModel's rotary settings come from the checkpoint in both paths (`build_gpt_model`); the rotary flags mirror
+    them where Megatron-LM's parser can hold them (--rotary-base and --rotary-seq-len-interpolation-factor are ints)."""
+    flags = [
+        "--num-layers", str(arch.num_layers), "--hidden-size", str(arch.hidden_size),
+        "--ffn-hidden-size", str(arch.ffn_hidden_size), "--num-attention-heads", str(arch.num_attention_heads),
+        "--group-query-attention", "--num-query-groups", str(arch.num_query_groups),
+        "--kv-channels", str(arch.kv_channels), "--max-position-embeddings", str(arch.max_position_embeddings),
+        "--normalization", "RMSNorm", "--norm-epsilon", repr(arch.norm_epsilon), "--swiglu", "--disable-bias-linear",
+        "--position-embedding-type", arch.position_embedding_type, "--rotary-base", str(int(arch.rope_theta)),
+        "--attention-dropout", repr(arch.attention_dropout), "--hidden-dropout", "0.0",
+    ]
     if arch.qkv_bias:
         flags += ["--add-qkv-bias"]
     if arch.qk_layernorm:
@@ -138,12 +153,24 @@ def checkpoint_model_flags(meta, arch, *, stage: int, user_argv: list[str]) -> l
         flags += ["--untie-embeddings-and-output-weights"]
     if arch.rope_scaling_factor is not None:
         flags += ["--use-rope-scaling", "--rope-scaling-factor", str(arch.rope_scaling_factor)]
-    if _argv_value(user_argv, "--tokenizer-type") is None:
-        flags += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(arch.vocab_size)]
-    flags += ["--padded-vocab-size", str(meta.padded_vocab_size)]
-    if moe:
-        aux = STAGE_AUX_LOSS[stage]
-        flags += ["--moe-router-load-balancing-type", "aux_loss" if aux > 0 else "none", "--moe-aux-loss-coeff", str(aux)]
+    if arch.rope_linear_factor is not None and float(arch.rope_linear_factor).is_integer():
+        flags += ["--rotary-seq-len-interpolation-factor", str(int(arch.rope_linear_factor))]
+    if arch.yarn is not None:
+        y = arch.yarn
+        flags += ["--rotary-scaling-factor", repr(y.scaling_factor),
+                  "--yarn-original-max-position-embeddings", str(y.original_max_position_embeddings),
+                  "--yarn-beta-fast", repr(y.beta_fast), "--yarn-beta-slow", repr(y.beta_slow),
+                  "--mscale", repr(y.mscale), "--mscale-all-dim", repr(y.mscale_all_dim),
+                  "--yarn-correction-range-round-to-int" if y.correction_range_round_to_int
+                  else "--no-yarn-correction-range-round-to-int",
+                  # TE's fused RoPE refuses YaRN's mscale (rope_utils.apply_rotary_pos_emb)
+                  "--no-rope-fusion"]
+    if arch.sliding_window is not None:
+        left, right = arch.window_size
+        flags += ["--window-size", f"{left},{right}",
+                  "--window-attn-skip-freq", "[" + ",".join(str(x) for x in arch.sliding_window_layers) + "]",
+                  # megatron's fused causal softmax ignores window_size (fusions/fused_softmax.py)
+                  "--no-masked-softmax-fusion"]
     return flags
 
 

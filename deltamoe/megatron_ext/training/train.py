@@ -293,7 +293,6 @@ def check_user_flags(argv: list[str], meta, arch, plan, stage: int):
 def main(argv: list[str] | None = None) -> None:
     from megatron.core.enums import ModelType
 
-    from deltamoe.architectures import read_architecture_config
     from deltamoe.megatron_ext.internals import (
         disable_dataset_helper_compilation,
         exempt_marked_parameters_from_weight_decay,
@@ -318,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         raise DeltaMoEError("--deltamoe-stage 1, 2 (or 0: dense continued pre-training) is required")
     source = checkpoint_folder(argv)
     _State.meta = read_metadata(source)
-    _, _State.arch = read_architecture_config(_State.meta.hf_config, source=str(source / "deltamoe.json"))
+    _, _State.arch = _State.meta.architecture(str(source / "deltamoe.json"))
     _State.plan = UpcyclePlan.load(source) if _State.meta.is_moe else None
     # The checkpoint Megatron will read: --load when it holds iterations (resume), else --pretrained-checkpoint.
     resuming = _argv_value(argv, "--load") and (Path(_argv_value(argv, "--load")) / TRACKER_FILE).exists()
