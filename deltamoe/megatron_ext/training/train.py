@@ -51,6 +51,7 @@ Optimizer and checkpoints (why the entry adds --use-distributed-optimizer by def
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -119,7 +120,7 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     from megatron.training import get_args, print_rank_0
     from megatron.training.argument_utils import core_transformer_config_from_args
 
-    from deltamoe.megatron_ext.moe.freezing import apply_stage_freezing
+    from deltamoe.megatron_ext.moe.freezing import apply_stage_freezing, let_gradients_pass_frozen_embeddings
     from deltamoe.megatron_ext.moe.router_probe import install_router_probe
     from deltamoe.megatron_ext.runtime.model_builder import build_gpt_model
 
@@ -132,10 +133,12 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
                                       num_experts=args.num_experts)
         _State.freeze_reports.append(report)
         print(f"[rank {torch.distributed.get_rank()}] {report.summary()}", flush=True)
+        let_gradients_pass_frozen_embeddings(model)
         install_router_probe(model, _State.probe)
 
     def finalize_and_report(*f_args, **f_kwargs):
         result = finalize_model_grads(*f_args, **f_kwargs)
+        _State.probe.end_iteration()
         _State.metrics.maybe_report(get_args().curr_iteration + 1)
         return result
 
@@ -150,13 +153,19 @@ def get_batch(data_iterator) -> dict[str, torch.Tensor]:
     return {k: _to_device(v) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
+def _tensor_parallel_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
 def loss_func(batch: dict, training: bool, output_tensor: torch.Tensor):
     """Megatron's per-token loss contract: (loss sum, token count, {name: [sum, count]} for logging)."""
     loss_mask = batch["loss_mask"].float()
     losses = output_tensor.float()
     loss_sum = (losses * loss_mask).sum()
     num_tokens = loss_mask.sum().to(torch.int)
-    if training:
+    if training and _tensor_parallel_rank() == 0:  # TP ranks hold the same per-token losses: count them once
         _State.metrics.add_lm(losses.detach(), loss_mask, batch["lang_id"])
     reporting = torch.cat([loss_sum.detach().view(1), num_tokens.float().view(1)])
     return loss_sum, num_tokens, {"lm loss": reporting}
@@ -247,7 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.core.enums import ModelType
 
     from deltamoe.architectures import read_architecture_config
-    from deltamoe.megatron_ext.internals import disable_dataset_helper_compilation, fix_torch_adam_resume
+    from deltamoe.megatron_ext.internals import (
+        complete_frozen_expert_optimizer_state,
+        disable_dataset_helper_compilation,
+        fix_torch_adam_resume,
+        in_process_write_results,
+    )
     from deltamoe.megatron_ext.moe.plan import UpcyclePlan
     from deltamoe.megatron_ext.runtime import cpu_compat
     from deltamoe.megatron_ext.runtime.checkpoint import read_metadata
@@ -276,10 +290,16 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_and_validate_args(extra_args_provider=add_deltamoe_arguments)
     fix_torch_adam_resume()
+    complete_frozen_expert_optimizer_state()
     _setup(args)
     _prepare_save_folder(args.save, source)
     cfg_container = pretrain_cfg_container_from_args(args)
-    pretrain(cfg_container, datasets_provider, ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
+    # Synchronous saves write from threads of this process; megatron's default result queue is a spawned Manager
+    # process per rank (an interpreter start per rank at the first save). --async-save writes from another process
+    # and keeps megatron's queue.
+    with contextlib.nullcontext() if args.async_save else in_process_write_results():
+        pretrain(cfg_container, datasets_provider, ModelType.encoder_or_decoder, forward_step,
+                 model_provider=model_provider)
 
 
 if __name__ == "__main__":
