@@ -188,7 +188,7 @@ def check_interventions() -> list[str]:
 
 
 # ---- dataset helpers ---------------------------------------------------------------------------------------------
-def _already_compiled() -> None:
+def _already_compiled():  # no annotation: the same signature as the target, "()"
     """Stand-in for compile_helpers: the helpers are imported (and so verified) when this is installed."""
 
 

@@ -155,13 +155,15 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_megatron() -> None:
-    from megatron.core.datasets import utils as dataset_utils
     from megatron.core.tensor_parallel import random as tp_random
 
     tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    # The wheel ships the compiled helpers but not the Makefile that compile_helpers runs.
-    dataset_utils.compile_helpers = _noop_factory()
+    # The wheel ships the compiled helpers but not the Makefile that compile_helpers runs (the same stand-in as
+    # the trainer's, so internals' signature check sees one target whatever ran first).
+    from deltamoe.megatron_ext.internals import disable_dataset_helper_compilation
+
+    disable_dataset_helper_compilation()
 
     original_all_to_all_single = torch.distributed.all_to_all_single
 

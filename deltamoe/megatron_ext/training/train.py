@@ -37,6 +37,12 @@ Optimizer and checkpoints (why the entry adds --use-distributed-optimizer by def
   partly covered and torch_dist refuses to save it. The distributed optimizer writes flat per-rank buffers instead,
   which only hold the trainable parameters, so it saves and resumes with frozen experts (and shards the optimizer
   state over data-parallel ranks, as large runs want anyway).
+- Resuming at another TP or PP size (Megatron-LM's resharding resume) needs the run that saved to pass
+  --dist-ckpt-optim-fully-reshardable: the default per-rank buffer format (`dp_reshardable`) reshards over data
+  parallelism only, and checkpointing.py refuses it otherwise. That format writes optimizer state under the model's
+  keys again; `internals.complete_frozen_expert_optimizer_state` fills the frozen experts' part of those tensors
+  with zeros, which a load never reads. tests/test_parallel_layouts.py saves at TP 2 · PP 2 · EP 2 · ETP 2 and
+  resumes at TP 1 · PP 1 · EP 2 on the unbroken loss curve. A new stage reshards freely (it loads weights only).
 - Without apex/Transformer Engine megatron falls back to torch's AdamW, which keeps a `step` per parameter state.
   On resume megatron asks the still-empty optimizer for a state-dict template and asserts it has exactly one step
   (`assert len(steps) == 1`, distrib_optimizer.py; seen on CPU and on an H200 without TE). `internals.fix_torch_adam_resume`
