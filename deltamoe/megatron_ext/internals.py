@@ -72,6 +72,28 @@ INTERVENTIONS: tuple[Intervention, ...] = (
             "own tensor holding the checkpoint's step.",
     ),
     Intervention(
+        name="fully reshardable optimizer checkpoints with frozen experts",
+        target="megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.sharded_param_state_fully_reshardable",
+        kind="wrap method",
+        signature="(self, model_sharded_state_dict: Dict[str, Any], is_loading: bool = False, "
+                  "metadata: Optional[dict] = None)",
+        why="Resuming at another TP/PP size needs --dist-ckpt-optim-fully-reshardable (checkpointing.py refuses "
+            "dp_reshardable then). That format stores optimizer state under the model's keys, where all experts of "
+            "all layers form one global tensor; frozen expert 0 has no optimizer state, the tensor is only partly "
+            "covered and torch_dist refuses the save ('Invalid access pattern'). We add zero-filled state for the "
+            "frozen experts' shards so the tensor is whole; on load the loader reads states by parameter index "
+            "(load_parameter_state_from_fully_reshardable) and never looks at them.",
+    ),
+    Intervention(
+        name="torch AdamW resumes under the distributed optimizer (fully reshardable format)",
+        target="megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_parameter_state_from_fully_reshardable",
+        kind="wrap method",
+        signature="(self, state_dict: dict)",
+        why="Same fallback: that format stores no per-parameter `step`, yet megatron's copy "
+            "(_set_main_param_and_optimizer_states) asks the checkpoint for every tensor of AdamW's state and stops "
+            "with KeyError 'step'. The steps are hidden during the copy and then set from the param groups.",
+    ),
+    Intervention(
         name="the fallback's apex/TE switch",
         target="megatron.core.optimizer.distrib_optimizer:HAVE_APEX_OR_TE",
         kind="read attribute",
@@ -81,9 +103,10 @@ INTERVENTIONS: tuple[Intervention, ...] = (
         name="synchronous checkpoint saves write in this process",
         target="megatron.core.dist_checkpointing.strategies.filesystem_async:_results_queue",
         kind="swap attribute",
-        why="Converters save torch_dist synchronously; megatron's default result queue is a spawned multiprocessing "
-            "Manager, which costs a process start per save and breaks scripts without a __main__ guard. A plain "
-            "queue.Queue serves the in-process writer threads; restored afterwards.",
+        why="Converters and the trainer (without --async-save) save torch_dist synchronously; megatron's default "
+            "result queue is a spawned multiprocessing Manager, which costs an interpreter start per rank (about 20 s "
+            "of an 8-process CPU run's first save) and breaks scripts without a __main__ guard. A plain queue.Queue "
+            "serves the in-process writer threads; restored afterwards.",
     ),
     Intervention(
         name="chunked output-layer cross-entropy",
@@ -187,7 +210,7 @@ def check_interventions() -> list[str]:
 
 
 # ---- dataset helpers ---------------------------------------------------------------------------------------------
-def _already_compiled() -> None:
+def _already_compiled():  # no annotation: the same signature as the target, "()"
     """Stand-in for compile_helpers: the helpers are imported (and so verified) when this is installed."""
 
 
@@ -244,10 +267,70 @@ def fix_torch_adam_resume() -> None:
                     state["step"] = torch.tensor(step)
         return result
 
+    original_fully_reshardable = distrib_optimizer.DistributedOptimizer.load_parameter_state_from_fully_reshardable
+
+    def load_parameter_state_from_fully_reshardable(self, state_dict):
+        # The fully reshardable format keeps no per-parameter `step` (it lives in the param groups, set above), but
+        # megatron's copy asks the checkpoint for every tensor in AdamW's state, `step` included (KeyError 'step'):
+        # hide the steps during the copy.
+        inner = self.optimizer
+        steps = {}
+        if isinstance(inner, torch.optim.Optimizer):
+            steps = {p: state.pop("step") for p, state in inner.state.items() if "step" in state}
+        try:
+            return original_fully_reshardable(self, state_dict)
+        finally:
+            for p, step in steps.items():
+                inner.state[p]["step"] = step
+
     target = "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer."
     _replace(distrib_optimizer.DistributedOptimizer, "state_dict", state_dict, target + "state_dict")
     _replace(distrib_optimizer.DistributedOptimizer, "load_state_dict", load_state_dict, target + "load_state_dict")
+    _replace(distrib_optimizer.DistributedOptimizer, "load_parameter_state_from_fully_reshardable",
+             load_parameter_state_from_fully_reshardable, target + "load_parameter_state_from_fully_reshardable")
     distrib_optimizer.DistributedOptimizer._deltamoe_fixed = True
+
+
+def complete_frozen_expert_optimizer_state() -> None:
+    """Let fully reshardable optimizer checkpoints cover frozen experts (see INTERVENTIONS). Idempotent."""
+    from dataclasses import replace
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    from deltamoe.megatron_ext.moe.freezing import FROZEN_EXPERT_ATTR
+
+    cls = distrib_optimizer.DistributedOptimizer
+    if getattr(cls, "_deltamoe_frozen_experts_covered", False):
+        return
+    original = cls.sharded_param_state_fully_reshardable
+
+    def sharded_param_state_fully_reshardable(self, model_sharded_state_dict, is_loading=False, metadata=None):
+        state = original(self, model_sharded_state_dict, is_loading, metadata)
+        # Megatron chains one DistributedOptimizer for dense and one for expert-parallel parameters (allreduce=False),
+        # each given the whole model's sharded state dict: only the expert one writes the experts' states.
+        holds_experts = any(not getattr(p, "allreduce", True) for buffer in self.buffers for p in buffer.param_index_map)
+        if state is None or not holds_experts:  # None: memory-efficient mode on DP ranks > 0
+            return state
+        sharded, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
+        for index, base in enumerate(nested_values(sharded)):
+            if not getattr(base.data, FROZEN_EXPERT_ATTR, False):
+                continue
+            tensors = {}
+            # The state keys and the float32 CPU tensors of megatron's own entries (get_parameter_state_dp_zero).
+            for state_key in ("param", *self.optimizer_state_keys):
+                kwargs = dict(key=f"optimizer.state.{state_key}.{base.key}", dtype=torch.float32,
+                              data=torch.zeros(base.data.shape, dtype=torch.float32, device="cpu"))
+                if isinstance(base, ShardedTensorFactory):
+                    kwargs.pop("dtype")
+                tensors[state_key] = replace(base, **kwargs)
+            state[f"deltamoe_frozen_expert_{index}"] = tensors
+        return state
+
+    cls.sharded_param_state_fully_reshardable = sharded_param_state_fully_reshardable
+    cls._deltamoe_frozen_experts_covered = True
 
 
 # ---- checkpoint writes -------------------------------------------------------------------------------------------

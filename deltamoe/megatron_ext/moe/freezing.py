@@ -35,6 +35,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
+
 from deltamoe.common.errors import DeltaMoEError
 
 _LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
@@ -44,6 +46,9 @@ _ROUTER = re.compile(r"\.mlp\.router\.")
 _SHARED_GATE = re.compile(r"\.mlp\.shared_experts\.gate_weight$")
 
 STAGES = (1, 2)
+FROZEN_EXPERT_ATTR = "deltamoe_frozen_expert"
+"""Set on a frozen expert's parameter when other experts of the same checkpoint tensor train (stage 1): megatron's
+fully reshardable optimizer checkpoint must then cover it too (internals.complete_frozen_expert_optimizer_state)."""
 
 
 @dataclass
@@ -106,6 +111,9 @@ def apply_stage_freezing(model_chunks, *, stage: int, frozen_experts, num_expert
             train = is_trainable(name, stage=stage, frozen_experts=frozen, ep_rank=ep_rank,
                                  num_local_experts=num_experts // ep_size)
             param.requires_grad_(train)
+            if not train and stage == 1 and len(frozen) < num_experts and global_expert_index(
+                    name, ep_rank=ep_rank, num_local_experts=num_experts // ep_size) is not None:
+                setattr(param, FROZEN_EXPERT_ATTR, True)
             (report.trainable if train else report.frozen).append(name)
             if train:
                 report.trainable_numel += param.numel()
@@ -131,3 +139,28 @@ def _check_grouped_linears(chunks) -> None:
             f"{mixed[0]}*: a Transformer Engine GroupedLinear holds frozen and trainable experts; TE computes weight "
             "gradients for all its experts or none (from weight0), so the trainable ones would not train. Build the "
             "MoE layers with DeltaMoE's experts (--deltamoe-layer-spec te or fast) instead of megatron's TEGroupedMLP")
+
+
+def _require_grad(module, inputs, output):
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+        output.requires_grad_(True)
+    return output
+
+
+def let_gradients_pass_frozen_embeddings(model_chunks) -> int:
+    """Make a frozen embedding's output require grad, so activation recomputation still trains the layers after it.
+
+    Megatron's full recomputation (`--recompute-granularity full`) wraps layers in a reentrant autograd Function
+    (tensor_parallel.random.CheckpointFunction), whose output requires grad only if one of its inputs does; params
+    inside do not count. With the embedding frozen, nothing entering the first pipeline stage's layers requires grad,
+    so none of them got a gradient (measured: grad norm 0.000 for stage 1 on one process, while the second pipeline
+    stage's input, received from the first, does require grad). transformers' `enable_input_require_grads` is the
+    same device for adapters. Costs one activation gradient at the embedding. Returns how many hooks were added.
+    """
+    count = 0
+    for chunk in model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]:
+        embedding = getattr(chunk, "embedding", None)
+        if embedding is not None and not any(p.requires_grad for p in embedding.parameters()):
+            embedding.register_forward_hook(_require_grad)
+            count += 1
+    return count

@@ -21,17 +21,24 @@ the probe
 The forward step sets the batch context (`probe.set_batch(lang_ids, original_mask)`, both [b, s]) before calling the
 model. With sequence parallelism a router sees only its tensor-parallel rank's chunk of the sequence, so the
 context is chunked the same way; context parallelism reorders tokens and is refused.
+
+Activation recomputation (`--recompute-granularity full`, or recomputed MoE modules) runs a layer's forward twice:
+first without gradient, then again inside the backward pass, where the losses are attached. By then a pipeline
+schedule (1F1B) has already set the context of later micro-batches, so a router's context is kept from its
+no-gradient forward and replayed, first in first out (the schedule runs backward passes in forward order), when that
+forward is recomputed; metrics count the first pass only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
 
 import torch
 
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.megatron_ext.internals import attach_router_loss, wrap_router_routing
-from deltamoe.megatron_ext.moe.allocation import mask_router_logits
+from deltamoe.megatron_ext.moe.allocation import allowed_for_tokens, mask_router_logits
 from deltamoe.megatron_ext.moe.routing_losses import allocation_loss, lpr_loss
 
 
@@ -68,6 +75,21 @@ class ProbeSettings:
         return 1.0 / self.num_layers if self.layer_reduction == "mean" else 1.0
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What one router needs about the tokens it routes, sequence-first like its logits."""
+
+    lang: torch.Tensor
+    """[s_local, b] lang_id of the positions this router sees (its sequence-parallel chunk)."""
+    mask: torch.Tensor
+    """[s_local, b] F(t) for those positions."""
+    share: float
+    """The chunk's share of the micro-batch's positions (1 without sequence parallelism)."""
+    batch_lang: torch.Tensor
+    """[s, b] the whole micro-batch's lang_ids and F(t): loss normalisers count the whole micro-batch."""
+    batch_mask: torch.Tensor
+
+
 @dataclass
 class RouterProbe:
     settings: ProbeSettings
@@ -75,12 +97,20 @@ class RouterProbe:
     original_mask: torch.Tensor | None = None     # [s, b] F(t), float
     sums: torch.Tensor | None = None
     """Running sums since the last report, kept on the model's device (no host sync per layer):
-    [0] expert-0 probability and [1] token count, each [layers, languages]; [2, 0, 0] sum of per-layer LPR losses,
-    [2, 0, 1] number of (layer, micro-batch) terms, [2, 0, 2] the router losses added to the objective (coefficients
-    and layer weights applied, summed over layers and micro-batches), [2, 0, 3] micro-batches (first-layer calls)."""
+    [0] expert-0 probability and [1] token count, each [layers, languages]; [2, layer, 0] sum of that layer's LPR
+    losses over micro-batches, [2, layer, 1] number of micro-batches (a sequence-parallel chunk counts as its share);
+    [2, 0, 2] the router losses added to the objective (coefficients and layer weights applied, summed over layers and
+    micro-batches), [2, 0, 3] micro-batches (first-layer calls)."""
+
+    replay: dict = field(default_factory=lambda: defaultdict(deque))
+    """Per layer: contexts of no-gradient training forwards, waiting for their recomputation."""
 
     def reset(self) -> None:
         self.sums = None
+
+    def end_iteration(self) -> None:
+        """Every recomputation of the iteration has run (its backward passes are done)."""
+        self.replay.clear()
 
     def _sums(self, device) -> torch.Tensor:
         if self.sums is None:
@@ -99,7 +129,8 @@ class RouterProbe:
     def clear_batch(self) -> None:
         self.lang_ids = self.original_mask = None
 
-    def _local_context(self, router, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _local_context(self, router, seq_len: int) -> _Context:
+        """This router's chunk of the current batch context."""
         lang, mask = self.lang_ids, self.original_mask
         if lang is None:
             raise DeltaMoEError("router probe: the forward step did not set the batch's language context")
@@ -111,11 +142,24 @@ class RouterProbe:
                 raise DeltaMoEError(f"router probe: router sees {seq_len} positions, the batch has {lang.shape[0]}")
             rank = router.tp_group.rank()
             lang, mask = lang[rank * seq_len:(rank + 1) * seq_len], mask[rank * seq_len:(rank + 1) * seq_len]
-        return lang.to(router.weight.device), mask.to(router.weight.device)
+        device = router.weight.device
+        return _Context(lang=lang.to(device), mask=mask.to(device), share=seq_len / self.lang_ids.shape[0],
+                        batch_lang=self.lang_ids.to(device), batch_mask=self.original_mask.to(device))
+
+    def _context(self, router, seq_len: int) -> tuple[_Context, bool]:
+        """The context of the tokens the router sees now, and whether this forward recomputes an earlier one."""
+        layer = router.layer_number - 1
+        if router.training and torch.is_grad_enabled() and self.replay[layer]:
+            return self.replay[layer].popleft(), True
+        context = self._local_context(router, seq_len)
+        if router.training and not torch.is_grad_enabled():  # checkpointed: recomputed in the backward pass
+            self.replay[layer].append(context)
+        return context, False
 
     def routing(self, router, original_routing, logits: torch.Tensor, *args, **kwargs):
         s = self.settings
-        lang, mask = self._local_context(router, logits.shape[0])
+        context, recomputed = self._context(router, logits.shape[0])
+        lang, mask = context.lang, context.mask
         if s.mask_by_language:
             logits = mask_router_logits(logits, lang, s.allocation_mask.to(logits.device))
         probs, routing_map = original_routing(logits, *args, **kwargs)
@@ -126,30 +170,46 @@ class RouterProbe:
             return probs, routing_map
         layer = router.layer_number - 1
         sums = self._sums(logits.device)
-        with torch.no_grad():
-            p0 = torch.softmax(logits.float(), dim=-1)[..., 0].reshape(-1).double()
-            flat_lang = lang.reshape(-1).long()
-            valid = (flat_lang >= 0).double()
-            index = flat_lang.clamp(min=0)
-            sums[0, layer].index_add_(0, index, p0 * valid)
-            sums[1, layer].index_add_(0, index, valid)
+        if not recomputed:
+            with torch.no_grad():
+                p0 = torch.softmax(logits.float(), dim=-1)[..., 0].reshape(-1).double()
+                flat_lang = lang.reshape(-1).long()
+                valid = (flat_lang >= 0).double()
+                index = flat_lang.clamp(min=0)
+                sums[0, layer].index_add_(0, index, p0 * valid)
+                sums[1, layer].index_add_(0, index, valid)
         if torch.is_grad_enabled():
             aux = None
             if layer == 0:
-                sums[2, 0, 3] += 1.0
+                sums[2, 0, 3] += context.share  # a sequence-parallel chunk counts as its share
             if s.lpr_loss_coeff > 0:
-                lpr = lpr_loss(logits, mask, 0, from_logits=True)
-                sums[2, 0, 0] += lpr.detach().double()
-                sums[2, 0, 1] += 1.0
+                lpr = (lpr_loss(logits, mask, 0, from_logits=True, reduction="sum")
+                       / _micro_batch_count(context.batch_mask))
+                sums[2, layer, 0] += lpr.detach().double()
+                sums[2, layer, 1] += context.share
                 aux = (s.lpr_loss_coeff * s.layer_weight) * lpr
             if s.allocation_loss_coeff > 0:
-                alloc = allocation_loss(logits, lang, s.allocation_mask.to(logits.device), from_logits=True)
+                allocation = s.allocation_mask.to(logits.device)
+                constrained = (~allowed_for_tokens(context.batch_lang, allocation).all(dim=-1)).float()
+                alloc = (allocation_loss(logits, lang, allocation, from_logits=True, reduction="sum")
+                         / _micro_batch_count(constrained))
                 weighted = (s.allocation_loss_coeff * s.layer_weight) * alloc
                 aux = weighted if aux is None else aux + weighted
             if aux is not None:
                 sums[2, 0, 2] += aux.detach().double()
                 probs = _attach(router, probs, aux)
         return probs, routing_map
+
+
+def _micro_batch_count(weight: torch.Tensor) -> torch.Tensor:
+    """The number of tokens a router loss averages over: the whole micro-batch's, also on a sequence-parallel chunk.
+
+    Each tensor-parallel rank adds (its chunk's sum) / (the micro-batch's count), and megatron sums router gradients
+    over the tensor-parallel group (the router weight is marked `sequence_parallel`, TopKRouter.reset_parameters in
+    moe/router.py), so the loss is the micro-batch's mean at any TP size, not the sum of per-chunk means (which
+    would scale γ by the TP size). Megatron's own load-balancing loss splits the same way (partial sums per chunk).
+    """
+    return weight.sum().clamp(min=1.0)
 
 
 def _attach(router, probs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ handled once here instead of patching call sites one by one:
 4. Type strings compared against `'torch.cuda.FloatTensor'` (optimizer, grad clipping): reported as CUDA names.
 5. The trainer's `initialize_megatron` asserts CUDA unless `allow_no_cuda=True`; its dataset helpers run `make` on a
    Makefile the wheel does not ship (the compiled helpers are in the wheel).
-6. `torch.distributed.all_to_all_single` wants list split sizes on gloo; megatron passes tensors on CPU.
+6. gloo collectives are stricter than NCCL's: `all_to_all_single` wants list split sizes (megatron passes tensors
+   on CPU) and `all_gather` wants equal shapes (megatron gathers uneven expert-token counts across tensor ranks).
 7. Backward passes: a mode steps aside while its handler runs, so `loss.backward()` (handled by the mode) would run
    megatron's custom autograd functions without it (sequence parallel's backward allocates on
    `torch.cuda.current_device()`). The autograd engine entry point runs under the mode instead.
@@ -140,6 +141,10 @@ def _patch_torch_cuda() -> None:
     # Megatron-LM's argument validation refuses --moe-grouped-gemm below compute capability 8.0; the grouped-GEMM
     # path it guards falls back to torch ops that run on CPU, so report an Ampere-class device.
     cuda.get_device_capability = lambda *a, **k: (8, 0)
+    # The trainer's argument checks read the architecture from the properties too (`get_device_arch_version`, e.g.
+    # with tensor parallelism); the same Ampere-class answer.
+    cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(
+        major=8, minor=0, name="cpu", total_memory=0, multi_processor_count=1)
     # The "CUDA" RNG is the CPU generator: CPU dropout draws from it, so megatron's RNG tracker keeps its meaning.
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
@@ -166,6 +171,25 @@ def _patch_megatron() -> None:
         return original_all_to_all_single(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
 
     torch.distributed.all_to_all_single = all_to_all_single
+
+    original_all_gather = torch.distributed.all_gather
+
+    @functools.wraps(original_all_gather)
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        # gloo gathers equal shapes only; megatron gathers uneven first dimensions (the alltoall dispatcher's
+        # tensor-parallel gather of expert tokens, `output_split_sizes`), which NCCL accepts. Pad to the longest.
+        if async_op or all(t.shape == tensor.shape for t in tensor_list):
+            return original_all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in tensor_list]
+        original_all_gather(gathered, padded, group=group)
+        for out, full in zip(tensor_list, gathered):
+            out.copy_(full[: out.shape[0]])
+        return None
+
+    torch.distributed.all_gather = all_gather
 
     try:
         from megatron.training import initialize, training

@@ -3,9 +3,10 @@
 Sums accumulate on the device during the forward passes (loss function and router probe) and are reduced once per
 `--routing-log-interval` from megatron's `finalize_model_grads` hook, which every rank runs once per iteration outside
 the pipeline schedule (a collective inside the forward step could deadlock pipeline stages). The reduction is one
-all-reduce over the whole world of (sum, count) pairs: ranks that see the same tokens (tensor-parallel replicas)
-scale sum and count alike, ranks that see different tokens (data, expert, sequence parallel) add up, so every
-ratio is the exact mean over the global batch whatever the layout. Rank 0 appends one JSON line per report and
+all-reduce over the whole world of (sum, count) pairs, and every token is counted once: the LM loss by tensor-parallel
+rank 0 of the last pipeline stage of each data-parallel replica (the other tensor ranks hold the same per-token
+losses), router statistics by the rank whose router saw the token (each pipeline stage its own layers, each
+sequence-parallel rank its chunk). Sums, counts and ratios are then those of the global batch whatever the layout. Rank 0 appends one JSON line per report and
 writes TensorBoard scalars when Megatron has a writer (`--tensorboard-dir` and tensorboard installed).
 """
 
@@ -28,7 +29,7 @@ class LanguageMetrics:
         self.lm_sums: torch.Tensor | None = None  # [2, languages]: loss sum, token count
 
     def add_lm(self, per_token_loss: torch.Tensor, loss_mask: torch.Tensor, lang_ids: torch.Tensor) -> None:
-        """per_token_loss, loss_mask [b, s]; lang_ids [b]."""
+        """per_token_loss, loss_mask [b, s]; lang_ids [b]. Call on one rank per data-parallel replica (TP rank 0)."""
         with torch.no_grad():
             if self.lm_sums is None:
                 self.lm_sums = torch.zeros(2, len(self.languages), dtype=torch.float64, device=per_token_loss.device)
@@ -67,8 +68,11 @@ class LanguageMetrics:
             counts = probe[1, :, i]
             record["expert0_prob"][lang] = [float(probe[0, layer, i] / counts[layer]) if counts[layer] > 0 else None
                                             for layer in range(self.num_layers)]
-        if probe[2, 0, 1] > 0:
-            record["lpr_loss_per_layer"] = float(probe[2, 0, 0] / probe[2, 0, 1])
+        if probe[2, :, 1].sum() > 0:
+            # Mean over (MoE layer, micro-batch) terms, and per layer: each pipeline stage adds its own layers' terms.
+            record["lpr_loss_per_layer"] = float(probe[2, :, 0].sum() / probe[2, :, 1].sum())
+            record["lpr_loss_by_layer"] = [float(probe[2, layer, 0] / probe[2, layer, 1]) if probe[2, layer, 1] > 0
+                                           else None for layer in range(self.num_layers)]
         if probe[2, 0, 2] > 0 and probe[2, 0, 3] > 0:
             # What the router losses add to the objective per micro-batch (γ · L_lpr + coeff · L_alloc, layer-averaged).
             record["router_loss"] = float(probe[2, 0, 2] / probe[2, 0, 3])

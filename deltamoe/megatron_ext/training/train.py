@@ -41,6 +41,12 @@ Optimizer and checkpoints (why the entry adds --use-distributed-optimizer by def
   partly covered and torch_dist refuses to save it. The distributed optimizer writes flat per-rank buffers instead,
   which only hold the trainable parameters, so it saves and resumes with frozen experts (and shards the optimizer
   state over data-parallel ranks, as large runs want anyway).
+- Resuming at another TP or PP size (Megatron-LM's resharding resume) needs the run that saved to pass
+  --dist-ckpt-optim-fully-reshardable: the default per-rank buffer format (`dp_reshardable`) reshards over data
+  parallelism only, and checkpointing.py refuses it otherwise. That format writes optimizer state under the model's
+  keys again; `internals.complete_frozen_expert_optimizer_state` fills the frozen experts' part of those tensors
+  with zeros, which a load never reads. tests/test_parallel_layouts.py saves at TP 2 · PP 2 · EP 2 · ETP 2 and
+  resumes at TP 1 · PP 1 · EP 2 on the unbroken loss curve. A new stage reshards freely (it loads weights only).
 - Without apex/Transformer Engine megatron falls back to torch's AdamW, which keeps a `step` per parameter state.
   On resume megatron asks the still-empty optimizer for a state-dict template and asserts it has exactly one step
   (`assert len(steps) == 1`, distrib_optimizer.py; seen on CPU and on an H200 without TE). `internals.fix_torch_adam_resume`
@@ -55,6 +61,7 @@ Optimizer and checkpoints (why the entry adds --use-distributed-optimizer by def
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -127,7 +134,7 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     from megatron.training.argument_utils import core_transformer_config_from_args
 
     from deltamoe.megatron_ext.internals import NO_WEIGHT_DECAY_ATTR
-    from deltamoe.megatron_ext.moe.freezing import apply_stage_freezing
+    from deltamoe.megatron_ext.moe.freezing import apply_stage_freezing, let_gradients_pass_frozen_embeddings
     from deltamoe.megatron_ext.moe.router_probe import install_router_probe, routers
     from deltamoe.megatron_ext.runtime.model_builder import build_gpt_model
 
@@ -146,10 +153,12 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
                 setattr(router.weight, NO_WEIGHT_DECAY_ATTR, True)
             print_rank_0(f"DeltaMoE: experts {_State.idle_experts} receive no tokens by design (by-language masking, "
                          "no language of the data may use them): frozen; routers without weight decay")
+        let_gradients_pass_frozen_embeddings(model)
         install_router_probe(model, _State.probe)
 
     def finalize_and_report(*f_args, **f_kwargs):
         result = finalize_model_grads(*f_args, **f_kwargs)
+        _State.probe.end_iteration()
         _State.metrics.maybe_report(get_args().curr_iteration + 1)
         return result
 
@@ -164,13 +173,19 @@ def get_batch(data_iterator) -> dict[str, torch.Tensor]:
     return {k: _to_device(v) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
+def _tensor_parallel_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
 def loss_func(batch: dict, training: bool, output_tensor: torch.Tensor):
     """Megatron's per-token loss contract: (loss sum, token count, {name: [sum, count]} for logging)."""
     loss_mask = batch["loss_mask"].float()
     losses = output_tensor.float()
     loss_sum = (losses * loss_mask).sum()
     num_tokens = loss_mask.sum().to(torch.int)
-    if training:
+    if training and _tensor_parallel_rank() == 0:  # TP ranks hold the same per-token losses: count them once
         _State.metrics.add_lm(losses.detach(), loss_mask, batch["lang_id"])
     reporting = torch.cat([loss_sum.detach().view(1), num_tokens.float().view(1)])
     return loss_sum, num_tokens, {"lm loss": reporting}
@@ -294,9 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.core.enums import ModelType
 
     from deltamoe.megatron_ext.internals import (
+        complete_frozen_expert_optimizer_state,
         disable_dataset_helper_compilation,
         exempt_marked_parameters_from_weight_decay,
         fix_torch_adam_resume,
+        in_process_write_results,
     )
     from deltamoe.megatron_ext.moe.plan import UpcyclePlan
     from deltamoe.megatron_ext.runtime import cpu_compat
@@ -333,10 +350,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_and_validate_args(extra_args_provider=add_deltamoe_arguments)
     fix_torch_adam_resume()
     exempt_marked_parameters_from_weight_decay()
+    complete_frozen_expert_optimizer_state()
     _setup(args)
     _prepare_save_folder(args, source)
     cfg_container = pretrain_cfg_container_from_args(args)
-    pretrain(cfg_container, datasets_provider, ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
+    # Synchronous saves write from threads of this process; megatron's default result queue is a spawned Manager
+    # process per rank (an interpreter start per rank at the first save). --async-save writes from another process
+    # and keeps megatron's queue.
+    with contextlib.nullcontext() if args.async_save else in_process_write_results():
+        pretrain(cfg_container, datasets_provider, ModelType.encoder_or_decoder, forward_step,
+                 model_provider=model_provider)
 
 
 if __name__ == "__main__":
