@@ -293,6 +293,6 @@ def test_recomputed_router_uses_its_own_micro_batch_context():
     expected = lpr_loss(logits[0], torch.ones(8, 1), 0, from_logits=True)
     torch.testing.assert_close(probe.sums[2, 0, 0].float(), expected)
     assert probe.sums[2, 0, 1] == 1
-    assert probe.sums[1, 0].tolist() == [8.0, 8.0]  # 8 English and 8 Spanish tokens, each counted once
+    assert probe.sums[1, 0, :2].tolist() == [8.0, 8.0]  # 8 English and 8 Spanish tokens, each counted once
     probe.end_iteration()
     assert not any(probe.replay.values())
