@@ -61,10 +61,10 @@ def _pair(arch: str, moe: MoESettings | None):
 def test_auto_spec_is_fast_without_transformer_engine_and_names_are_checked():
     assert specs.resolve_spec_name("auto") == ("te" if specs.HAVE_TE and torch.cuda.is_available() else "fast")
     assert specs.resolve_spec_name("local") == "local"
-    with pytest.raises(ValueError, match="must be one of"):
+    with pytest.raises(DeltaMoEError, match="must be one of"):
         specs.resolve_spec_name("flash")
     if not (specs.HAVE_TE and torch.cuda.is_available()):
-        with pytest.raises(RuntimeError, match="needs Transformer Engine and CUDA"):
+        with pytest.raises(DeltaMoEError, match="needs Transformer Engine and CUDA"):
             specs.resolve_spec_name("te")
 
 

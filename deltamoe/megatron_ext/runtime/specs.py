@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from deltamoe.common.errors import DeltaMoEError
+
 try:  # optional at import time, as megatron-core itself does
     import transformer_engine  # noqa: F401
 
@@ -27,12 +29,12 @@ SPEC_CHOICES = ("auto", "te", "fast", "local")
 def resolve_spec_name(requested: str = "auto") -> str:
     """The concrete spec ("te", "fast" or "local") that `requested` means on this machine."""
     if requested not in SPEC_CHOICES:
-        raise ValueError(f"layer spec must be one of {SPEC_CHOICES}, got {requested!r}")
+        raise DeltaMoEError(f"layer spec must be one of {SPEC_CHOICES}, got {requested!r}")
     te_usable = HAVE_TE and torch.cuda.is_available()
     if requested == "auto":
         return "te" if te_usable else "fast"
     if requested == "te" and not te_usable:
-        raise RuntimeError("layer spec 'te' needs Transformer Engine and CUDA; use 'fast', 'local' or 'auto'")
+        raise DeltaMoEError("layer spec 'te' needs Transformer Engine and CUDA; use 'fast', 'local' or 'auto'")
     return requested
 
 

@@ -59,7 +59,9 @@ from pathlib import Path
 
 import torch
 
+from deltamoe.common import faults
 from deltamoe.common.errors import DeltaMoEError
+from deltamoe.common.faults import fault_point
 from deltamoe.megatron_ext.internals import build_datasets_on_every_rank
 
 CPU_FLAGS = [
@@ -76,6 +78,7 @@ class _State:
 
     meta = None
     arch = None
+    source = None
     plan = None
     blend = None
     probe = None
@@ -206,8 +209,9 @@ def _prepare_save_folder(save: str | None, source: Path) -> None:
 
 def _setup(args) -> None:
     """After Megatron parsed the flags: validate, read the data blend, build the probe and metrics."""
-    from deltamoe.megatron_ext.data.blend import load_language_blend
+    from deltamoe.megatron_ext.data.blend import check_blend_fits_model, load_language_blend
     from deltamoe.megatron_ext.data.language_tag import read_language_tag
+    from deltamoe.megatron_ext.runtime.specs import resolve_spec_name
     from deltamoe.megatron_ext.moe.allocation import ExpertAllocation
     from deltamoe.megatron_ext.moe.router_probe import ProbeSettings, RouterProbe
     from deltamoe.megatron_ext.training.flags import check_model_args, read_allocation_map, split_languages
@@ -226,6 +230,8 @@ def _setup(args) -> None:
                 languages.append(lang)
     _State.blend = load_language_blend(args.data_path, languages=languages,
                                        original_languages=split_languages(args.original_languages))
+    check_blend_fits_model(_State.blend, vocab_size=_State.arch.vocab_size, checkpoint=_State.source)
+    resolve_spec_name(args.deltamoe_layer_spec)  # 'te' without Transformer Engine fails here, not in the model build
     allocation_mask = None
     if args.expert_allocation_map:
         raw = read_allocation_map(args.expert_allocation_map)
@@ -246,45 +252,120 @@ def _setup(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     from megatron.core.enums import ModelType
 
-    from deltamoe.architectures import read_architecture_config
-    from deltamoe.megatron_ext.internals import disable_dataset_helper_compilation, fix_torch_adam_resume
-    from deltamoe.megatron_ext.moe.plan import UpcyclePlan
+    from deltamoe.megatron_ext.internals import disable_dataset_helper_compilation
     from deltamoe.megatron_ext.runtime import cpu_compat
-    from deltamoe.megatron_ext.runtime.checkpoint import read_metadata
-    from deltamoe.megatron_ext.training.flags import _argv_value, add_deltamoe_arguments, checkpoint_folder
+    from deltamoe.megatron_ext.runtime.distributed import (
+        DEFAULT_TIMEOUT_MINUTES, all_ranks_agree, init_process_group, world_size_from_env,
+    )
+    from deltamoe.megatron_ext.training.flags import _argv_value
 
+    faults.set_command("train")
+    faults.install_from_env()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "RANK" not in os.environ:  # plain `python -m ...`: a one-process group, as torchrun would describe it
+    cpu_compat.install()  # no-op with CUDA
+    disable_dataset_helper_compilation()
+    # The process group exists before any input is read (Megatron keeps it, see runtime/distributed.py), so the
+    # start-up checks below are agreed on by every rank: one rank failing stops all of them with an error.
+    if world_size_from_env() > 1:
+        timeout = float(_argv_value(argv, "--distributed-timeout-minutes") or DEFAULT_TIMEOUT_MINUTES)
+        init_process_group(timeout_minutes=timeout, backend=_argv_value(argv, "--distributed-backend"))
+    elif "RANK" not in os.environ:  # plain `python -m ...`: a one-process group, as torchrun would describe it
         from deltamoe.megatron_ext.runtime.distributed import _free_port
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    cpu_compat.install()  # no-op with CUDA
-    disable_dataset_helper_compilation()
-    stage = _argv_value(argv, "--deltamoe-stage")
-    if stage not in ("0", "1", "2"):
-        raise DeltaMoEError("--deltamoe-stage 1, 2 (or 0: dense continued pre-training) is required")
-    source = checkpoint_folder(argv)
-    _State.meta = read_metadata(source)
-    _, _State.arch = read_architecture_config(_State.meta.hf_config, source=str(source / "deltamoe.json"))
-    _State.plan = UpcyclePlan.load(source) if _State.meta.is_moe else None
-    sys.argv = [sys.argv[0], *default_flags(argv, _State.meta, _State.arch, int(stage)), *argv]
+    with all_ranks_agree("training start-up checks"):
+        args = _start_up(argv)
+        fault_point("train:start-up-checked")
 
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
-    from megatron.training.arguments import parse_and_validate_args
 
-    args = parse_and_validate_args(extra_args_provider=add_deltamoe_arguments)
-    fix_torch_adam_resume()
-    _setup(args)
-    _prepare_save_folder(args.save, source)
     cfg_container = pretrain_cfg_container_from_args(args)
     pretrain(cfg_container, datasets_provider, ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
 
 
-if __name__ == "__main__":
+def _start_up(argv: list[str]):
+    """Everything between the command line and `pretrain`: read the checkpoint, expand and parse the flags, check the
+    inputs. Returns Megatron's parsed args."""
+    from deltamoe.architectures import read_architecture_config
+    from deltamoe.megatron_ext.internals import fix_torch_adam_resume
+    from deltamoe.megatron_ext.moe.plan import UpcyclePlan
+    from deltamoe.megatron_ext.runtime.checkpoint import checkpoint_dir, read_metadata, read_tracker
+    from deltamoe.megatron_ext.training.flags import _argv_value, add_deltamoe_arguments, checkpoint_folder
+
+    stage = _argv_value(argv, "--deltamoe-stage")
+    if stage not in ("0", "1", "2"):
+        raise DeltaMoEError("--deltamoe-stage 1, 2 (or 0: dense continued pre-training) is required")
+    load = _argv_value(argv, "--load")
+    if load and read_tracker(load) is not None:
+        checkpoint_dir(load)  # the iteration Megatron would resume from exists and is complete
+    source = checkpoint_folder(argv)
+    _State.source = source
+    _State.meta = read_metadata(source)
+    _, _State.arch = read_architecture_config(_State.meta.hf_config, source=str(source / "deltamoe.json"))
+    _State.plan = UpcyclePlan.load(source) if _State.meta.is_moe else None
+    _check_sequence_length(argv, _State.arch, source)
+    sys.argv = [sys.argv[0], *default_flags(argv, _State.meta, _State.arch, int(stage)), *argv]
+
+    from megatron.training.arguments import parse_and_validate_args
+
+    try:
+        args = parse_and_validate_args(extra_args_provider=add_deltamoe_arguments)
+    except AssertionError as e:
+        raise DeltaMoEError(f"Megatron-LM's argument check refused the flags: {_assertion_text(e)}") from None
+    fix_torch_adam_resume()
+    _setup(args)
+    _prepare_save_folder(args.save, source)
+    return args
+
+
+def _check_sequence_length(argv: list[str], arch, source: Path) -> None:
+    from deltamoe.megatron_ext.training.flags import _argv_value
+
+    seq, positions = _argv_value(argv, "--seq-length"), _argv_value(argv, "--max-position-embeddings")
+    if seq is not None and positions is None and seq.isdigit() and int(seq) > arch.max_position_embeddings:
+        raise DeltaMoEError(f"--seq-length {seq} exceeds the model's max_position_embeddings "
+                            f"({arch.max_position_embeddings}, {source}/deltamoe.json): the model never saw positions "
+                            "past it; use a shorter --seq-length (or pass --max-position-embeddings to extend the "
+                            "context on purpose)")
+
+
+def _assertion_text(e: AssertionError) -> str:
+    """The failed assert's message, or its source line when it has none."""
+    import traceback
+
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    where = f"{Path(frame.filename).name}:{frame.lineno}"
+    return f"{e} ({where})" if str(e) else f"{frame.line} ({where})"
+
+
+def _cli() -> None:
+    """`python -m deltamoe.megatron_ext.training.train`: bad input and machine faults are one line, no traceback."""
+    from deltamoe.cli import environment_error
+
     try:
         main()
     except DeltaMoEError as e:
         print(f"deltamoe train: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        from deltamoe.common.outputs import disk_is_full
+        from deltamoe.megatron_ext.training.flags import _argv_value
+
+        message = environment_error(e)
+        save = _argv_value(sys.argv, "--save")
+        if message is None and save and disk_is_full(save):  # Megatron's checkpoint writers drop the errno
+            message = (f"no space left on device under --save {save} ({type(e).__name__}: {str(e).strip()[:200]}); "
+                       "the newest complete checkpoint is the one latest_checkpointed_iteration.txt names: free space "
+                       "and rerun the same command to resume from it")
+        if message is None:
+            raise
+        print(f"deltamoe train: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    _cli()
