@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from tests import cli_runner
-from tests.fixtures_eval import TEXT, make_tiny_eval_model, write_jsonl
 
 SHARD_GB = "0.0002"
 """~200 KB shards: the tiny MoE and the grafted model are written in several, so a kill can land between two."""
@@ -67,6 +66,8 @@ def tree_hashes(path: Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def write_inputs(root: Path) -> None:
+    from tests.fixtures_eval import TEXT, make_tiny_eval_model, write_jsonl
+
     make_tiny_eval_model(root / "b", seed=0)
     make_tiny_eval_model(root / "i", seed=1)
     (root / "text").mkdir()

@@ -445,8 +445,8 @@ CASES = {
     "prepare-data-tokenizer-not-a-folder": Case("prepare-data", _prepare_tokenizer_not_a_folder,
                                                 r"--tokenizer .*nope: not a folder"),
     "prepare-data-foreign-files-at-out": Case("prepare-data", _prepare_foreign_files_at_out,
-                                              r"es\.bin, .*es\.idx already exists \(without a language tag: not written "
-                                              r"by `deltamoe prepare-data`\)"),
+                                              r"es\.bin, .*es\.idx already exists: choose another --out or pass "
+                                              r"--overwrite \(no language tag: not written by `deltamoe prepare-data`\)"),
     "prepare-data-unwritable-out": Case("prepare-data", _prepare_unwritable, r"--out .*readonly/es: cannot write in"),
     "prepare-data-workers-zero": Case("prepare-data", _prepare_workers_zero, r"--workers must be at least 1, got 0"),
     "prepare-data-field-not-a-string": Case("prepare-data", _prepare_field_not_a_string,
@@ -524,3 +524,9 @@ def test_at_least_forty_distinct_bad_inputs_across_every_command():
     assert len(CASES) >= 40
     assert commands >= {"import", "upcycle", "export", "graft", "merge", "prepare-data", "eval", "report", "train",
                         "pipeline"}
+
+
+def test_docs_list_every_bad_input():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    missing = [name for name in CASES if f"| `{name}` |" not in doc]
+    assert not missing, f"docs/reliability.md lacks {missing}"

@@ -357,3 +357,20 @@ def test_trainer_start_up_on_two_ranks_stops_every_rank_when_one_fails(chain, tm
     message = "training start-up checks failed on rank(s) 1" if action == "error" else "training start-up checks: lost contact"
     _assert_all_stop(results, message)
     assert not (tmp_path / "stage1" / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_pipeline_counts_a_dataset_done_only_with_its_language_tag(chain, tmp_path):
+    """.bin/.idx without the sidecar are what a prepare-data killed before its last write leaves: not done."""
+    from deltamoe.recipes.pipeline import build_stages
+    from tests.tiny_pipeline import tiny_recipe
+
+    root = tmp_path / "root"
+    (root / "pipeline-data").mkdir(parents=True)
+    stage = next(s for s in build_stages(tiny_recipe(root, tmp_path / "work"), tmp_path / "work")
+                 if s.name.startswith("prepare-data:"))
+    prefix = chain["root"] / "data" / "es"
+    for ext in (".bin", ".idx"):
+        shutil.copy2(f"{prefix}{ext}", f"{stage.output}{ext}")
+    assert not stage.done()
+    shutil.copy2(f"{prefix}.lang.json", f"{stage.output}.lang.json")
+    assert stage.done()

@@ -226,8 +226,8 @@ def check_output_prefix(prefix: str | os.PathLike, *, overwrite: bool) -> None:
     interrupted = _incomplete_marker(prefix).exists() and not sidecar.exists()
     existing = [str(p) for p in dataset_files(prefix) if p.exists()]
     if existing and not overwrite and not interrupted:
-        hint = "" if sidecar.exists() else " (without a language tag: not written by `deltamoe prepare-data`)"
-        raise DeltaMoEError(f"output {', '.join(existing)} already exists{hint}: choose another --out or pass --overwrite")
+        hint = "" if sidecar.exists() else " (no language tag: not written by `deltamoe prepare-data`)"
+        raise DeltaMoEError(f"output {', '.join(existing)} already exists: choose another --out or pass --overwrite{hint}")
     parent = Path(os.fspath(prefix)).parent
     if parent.exists() and not parent.is_dir():
         raise DeltaMoEError(f"--out {prefix}: {parent} is not a folder")

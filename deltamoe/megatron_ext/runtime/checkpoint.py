@@ -80,8 +80,7 @@ def read_tracker(folder: str | os.PathLike) -> int | str | None:
         return int(value)
     shown = repr(value[:40]) if value else "an empty file"
     raise DeltaMoEError(f"{tracker}: corrupt checkpoint tracker: expected an iteration number or 'release', found "
-                        f"{shown}; write the newest complete iter_* folder's number into it, or delete the file to "
-                        "start from --pretrained-checkpoint")
+                        f"{shown}; write into it the number of the newest complete iter_* folder next to it")
 
 
 def checkpoint_dir(folder: str | os.PathLike) -> Path:
