@@ -126,7 +126,9 @@ def test_killed_overwrite_keeps_the_old_or_the_new_output_never_neither(chain, t
 
     probe_a, probe_b = tmp_path / "a", tmp_path / "b"
     probe_a.mkdir(), probe_b.mkdir()
-    assert _exchange(probe_a, probe_b), "this filesystem has no RENAME_EXCHANGE; the fallback test below covers it"
+    if not _exchange(probe_a, probe_b):
+        pytest.skip("this filesystem has no renameat2(RENAME_EXCHANGE): test_overwrite_without_rename_exchange_... "
+                    "covers the two-rename fallback that --overwrite uses here")
     argv, reference = chain["argv"]["export"], Path(chain["argv"]["export"][-1])
     out = tmp_path / "hf-moe"
     must(deltamoe(with_out(argv, out)[:-2] + ["--dtype", "bfloat16", "--out", str(out)]))

@@ -61,8 +61,10 @@ def _token_table(folder: Path) -> tuple[Path, dict[int, str] | str] | None:
         if not isinstance(vocab, dict):
             continue
         table = {int(i): str(t) for t, i in vocab.items()}
+        # Special tokens are left out: instruct releases rename reserved ones (their rows were never trained).
         for added in doc.get("added_tokens", []) if name == "tokenizer.json" else []:
-            table[int(added["id"])] = str(added["content"])
+            if not added.get("special"):
+                table[int(added["id"])] = str(added["content"])
         return path, table
     path = folder / "tokenizer.model"
     if path.exists():
@@ -76,7 +78,8 @@ def check_same_tokenizer(base: str | os.PathLike, other: str | os.PathLike, *, f
     """Refuse a model whose tokenizer gives B's token ids other meanings (rows of the embeddings would not match).
 
     Every id of B's vocabulary must be the same token in `other`'s; ids past B's vocabulary (tokens an instruct
-    model added) are allowed. Folders without tokenizer files are not compared.
+    model added) are allowed, and special added tokens are not compared. Folders without tokenizer files are not
+    compared.
     """
     a, b = _token_table(Path(base)), _token_table(Path(other))
     if a is None or b is None:

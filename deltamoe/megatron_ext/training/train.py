@@ -28,6 +28,8 @@ A cluster (Slurm; one task per node, torchrun starts the local ranks):
 
 Restarting the same command resumes from the newest checkpoint in --save (--load = --save); the first run, with
 nothing there yet, starts from --pretrained-checkpoint with a fresh optimizer (Megatron's finetune semantics).
+With several processes the process group is made first and every rank's start-up checks (checkpoint, flags, data)
+are agreed on: a rank that fails them stops every rank with an error before Megatron starts (docs/reliability.md).
 Per-language LM loss and the router probability of expert 0 per layer go to --routing-log-file (JSONL, default
 <--save>/deltamoe_routing.jsonl) and to TensorBoard with --tensorboard-dir.
 
