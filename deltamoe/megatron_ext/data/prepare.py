@@ -289,9 +289,7 @@ def prepare_dataset(
     builder = None
     try:
         builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
-        for number, path in enumerate(paths):
-            if number:
-                fault_point("prepare-data:tokenizing")
+        for path in paths:
             texts = (t for t in _counting_nonempty(iter_documents(path, json_key=json_key, text_document=text_document), counts))
             encoded = _encode_bounded(pool, texts, workers) if pool else map(encode_document, texts)
             num_docs = 0
