@@ -8,10 +8,27 @@ Training runs through torchrun: `torchrun --nproc-per-node 8 -m deltamoe.megatro
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
+from deltamoe.common import faults
 from deltamoe.common.errors import DeltaMoEError
+
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
+"""OSErrors that are facts of the machine (disk full, permissions, read-only or failing storage), not bugs: the CLI
+prints them, with the file they name, like a DeltaMoEError."""
+
+
+def environment_error(e: BaseException) -> str | None:
+    """The message to print for a machine-level failure (disk full, permissions), or None for anything else."""
+    from deltamoe.common.outputs import is_disk_full
+
+    if is_disk_full(e):
+        return f"no space left on device: {e}; free space and rerun the same command (outputs are complete or absent)"
+    if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+        return str(e)
+    return None
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -58,10 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    faults.set_command(name)
+    faults.install_from_env()
     try:
         return int(module.main(args) or 0)
     except DeltaMoEError as e:
         print(f"deltamoe {name}: error: {e}", file=sys.stderr)
+        return 1
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        message = environment_error(e)
+        if message is None:
+            raise
+        print(f"deltamoe {name}: error: {message}", file=sys.stderr)
         return 1
 
 

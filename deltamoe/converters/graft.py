@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import shutil
 import time
@@ -35,7 +36,7 @@ from deltamoe.architectures.moe import MOE_FORMATS, format_problems
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import sha256_dir, versions
 from deltamoe.common.outputs import atomic_output_dir
-from deltamoe.common.hf_folder import copy_tokenizer_files, read_config
+from deltamoe.common.hf_folder import check_same_tokenizer, copy_tokenizer_files, read_config
 from deltamoe.converters.hf_moe_layout import TensorRole, format_for_dense, format_of_config, parse_moe_name
 from deltamoe.converters.hf_upcycle import ffn_slice
 from deltamoe.converters.merge import check_finite, check_same_architecture, extra_vocab_rows, peak_rss_gib
@@ -54,6 +55,7 @@ class _Inputs:
     def __init__(self, base: Path, post: Path, moe: Path):
         self.base, self.post, self.moe = base, post, moe
         check_same_architecture(base, post)
+        check_same_tokenizer(base, post, flag="--post")
         self.base_config, self.moe_config = read_config(base), read_config(moe)
         self.fmt = format_of_config(self.moe_config, f"{moe}/config.json")
         format_for_dense(self.base_config.get("model_type"), f"{base}/config.json")  # a supported dense base
@@ -156,6 +158,8 @@ def graft(*, base: Path, post: Path, moe: Path, out: Path, scale: float = 1.0, e
     base, post, moe, out = Path(base), Path(post), Path(moe), Path(out)
     if experts not in EXPERT_SELECTIONS:
         raise DeltaMoEError(f"--experts: expected one of {EXPERT_SELECTIONS}, got {experts!r}")
+    if not math.isfinite(scale):
+        raise DeltaMoEError(f"--scale: expected a finite number, got {scale}")
     with atomic_output_dir(out, inputs=[base, post, moe], overwrite=overwrite) as tmp:
         inputs = _Inputs(base, post, moe)
         hashes = {"base": sha256_dir(base), "post": sha256_dir(post), "moe": sha256_dir(moe)}

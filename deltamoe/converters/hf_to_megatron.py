@@ -28,7 +28,10 @@ from tqdm import tqdm
 
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import sha256_dir
-from deltamoe.common.outputs import begin_output_dir, check_output_dir, commit_output_dir, discard_output_dir
+from deltamoe.common.faults import fault_point
+from deltamoe.common.outputs import (
+    begin_output_dir, check_output_dir, commit_output_dir, discard_output_dir, disk_full_error, is_disk_full,
+)
 from deltamoe.common.hf_folder import copy_tokenizer_files, read_config
 from deltamoe.architectures import read_architecture_config
 from deltamoe.architectures.base import Transform
@@ -53,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "transformers, a custom config), as transformers' model class ignores it; only when it does "
                              "not change the model's function. Repeatable; a RoPE key is rope_parameters.KEY. Recorded in "
                              "the checkpoint's deltamoe.json. Known fields that change the function cannot be ignored")
+    parser.add_argument("--distributed-timeout-minutes", type=float, default=None,
+                        help="with several processes: how long a rank waits for a stuck or vanished one (default 10)")
 
 
 def _hf_dtype(reader: SafetensorsReader) -> torch.dtype:
@@ -134,77 +139,101 @@ def _check_shapes(bindings, reader: SafetensorsReader, config, source: str) -> N
 
 def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
               vocab_divisible_by: int = 128, overwrite: bool = False, ignore_config_fields=(),
-              spec: str | None = None) -> Path:
+              spec: str | None = None, timeout_minutes: float | None = None) -> Path:
     """Convert; every rank of the (tp x pp) group calls this. Returns the output folder.
 
     `spec` is the module tree the weights pass through (default: specs.CONVERSION_SPEC); the files do not depend on
     it, nor on whether Transformer Engine is installed.
+
+    The process group exists before any input is read, and every step between collectives is agreed on by all
+    ranks, so a rank that fails (a bad input on its node, a full disk) stops every rank with an error instead of
+    leaving them in a barrier.
     """
     from deltamoe.megatron_ext.runtime.checkpoint import CheckpointMetadata, save_checkpoint
-    from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
+    from deltamoe.megatron_ext.runtime.distributed import (
+        DEFAULT_TIMEOUT_MINUTES, ParallelLayout, all_ranks_agree, init_distributed, init_process_group,
+        peer_failures_as_errors, world_size_from_env,
+    )
     from deltamoe.megatron_ext.runtime.model_builder import (
         build_gpt_model, check_tensor_parallel, padded_vocab_size, transformer_config,
     )
 
+    timeout_minutes = timeout_minutes or DEFAULT_TIMEOUT_MINUTES
+    if world_size_from_env() > 1:  # one process cannot wait for another: it checks first, as cheaply as possible
+        init_process_group(timeout_minutes=timeout_minutes)
     hf_dir = Path(hf_dir)
-    hf_config = read_config(hf_dir)
-    ignored = sorted(set(ignore_config_fields))
-    _, config = read_architecture_config(hf_config, source=str(hf_dir / "config.json"), ignored_fields=ignored)
-    padded = padded_vocab_size(config.vocab_size, vocab_divisible_by)
-    check_tensor_parallel(config, tp, padded, source=str(hf_dir / "config.json"))
-    if config.num_layers % pp:
-        raise DeltaMoEError(f"{hf_dir}/config.json: pipeline-parallel size {pp} does not divide num_hidden_layers ({config.num_layers})")
-    check_output_dir(out, inputs=[hf_dir], overwrite=overwrite)
-    reader = SafetensorsReader(hf_dir)
-    params_dtype = _hf_dtype(reader) if dtype == "auto" else DTYPES[dtype]
+    with all_ranks_agree("import: checking the inputs"):
+        hf_config = read_config(hf_dir)
+        ignored = sorted(set(ignore_config_fields))
+        _, config = read_architecture_config(hf_config, source=str(hf_dir / "config.json"), ignored_fields=ignored)
+        padded = padded_vocab_size(config.vocab_size, vocab_divisible_by)
+        check_tensor_parallel(config, tp, padded, source=str(hf_dir / "config.json"))
+        if config.num_layers % pp:
+            raise DeltaMoEError(f"{hf_dir}/config.json: pipeline-parallel size {pp} does not divide num_hidden_layers ({config.num_layers})")
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else world_size_from_env()
+        if world != tp * pp:
+            raise DeltaMoEError(f"import runs with tp x pp = {tp * pp} processes, got {world} (launch with torchrun --nproc-per-node {tp * pp})")
+        check_output_dir(out, inputs=[hf_dir], overwrite=overwrite)
+        reader = SafetensorsReader(hf_dir)
+        params_dtype = _hf_dtype(reader) if dtype == "auto" else DTYPES[dtype]
+        fault_point("import:inputs-checked")
 
-    init_distributed(ParallelLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
-    world = torch.distributed.get_world_size()
-    if world != tp * pp:
-        raise DeltaMoEError(f"import runs with tp x pp = {tp * pp} processes, got {world} (launch with torchrun --nproc-per-node {tp * pp})")
+    init_distributed(ParallelLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+                     timeout_minutes=timeout_minutes)
     from megatron.core import parallel_state
 
-    cfg = transformer_config(config, params_dtype=params_dtype, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    from deltamoe.megatron_ext.runtime.specs import CONVERSION_SPEC
-
-    model = build_gpt_model(config, cfg, padded_vocab=padded, spec=spec or CONVERSION_SPEC, pre_process=pp_rank == 0,
-                            post_process=pp_rank == pp - 1)
-    convert_into(model, reader, hf_config, padded_vocab=padded, source=str(hf_dir), ignored_config_fields=ignored)
-
-    started = time.time()
-    meta = CheckpointMetadata(
-        hf_config=hf_config,
-        padded_vocab_size=padded,
-        params_dtype=str(params_dtype).removeprefix("torch."),
-        source={"hf": str(hf_dir.resolve()), "sha256": sha256_dir(hf_dir) if torch.distributed.get_rank() == 0 else {},
-                "imported_with": {"tp": tp, "pp": pp}},
-        ignored_config_fields=ignored,
-    )
-    # All ranks write into one temporary folder that rank 0 made; rank 0 renames it once every rank is done.
-    out = Path(out).resolve()
     is_rank0 = torch.distributed.get_rank() == 0
-    holder = [str(begin_output_dir(out, inputs=[hf_dir], overwrite=overwrite)) if is_rank0 else None]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    tmp = Path(holder[0])
+    with all_ranks_agree("import: converting the weights"):
+        cfg = transformer_config(config, params_dtype=params_dtype, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        from deltamoe.megatron_ext.runtime.specs import CONVERSION_SPEC
+
+        model = build_gpt_model(config, cfg, padded_vocab=padded, spec=spec or CONVERSION_SPEC,
+                                pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
+        convert_into(model, reader, hf_config, padded_vocab=padded, source=str(hf_dir), ignored_config_fields=ignored)
+        meta = CheckpointMetadata(
+            hf_config=hf_config,
+            padded_vocab_size=padded,
+            params_dtype=str(params_dtype).removeprefix("torch."),
+            source={"hf": str(hf_dir.resolve()), "sha256": sha256_dir(hf_dir) if is_rank0 else {},
+                    "imported_with": {"tp": tp, "pp": pp}},
+            ignored_config_fields=ignored,
+        )
+        fault_point("import:converted")
+
+    # All ranks write into one temporary folder that rank 0 makes; rank 0 renames it once every rank is done.
+    out = Path(out).resolve()
+    started = time.time()
+    tmp, committed = None, False
     try:
-        save_checkpoint(model, tmp, meta)
-        if is_rank0:
-            copy_tokenizer_files(hf_dir, tmp)
-        torch.distributed.barrier()
-    except BaseException:
-        if is_rank0:
+        with all_ranks_agree("import: creating the output folder"):
+            if is_rank0:
+                tmp = begin_output_dir(out, inputs=[hf_dir], overwrite=overwrite)
+        holder = [str(tmp) if is_rank0 else None]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        with peer_failures_as_errors("import: saving the checkpoint"):
+            save_checkpoint(model, Path(holder[0]), meta)
+        with all_ranks_agree("import: finishing the checkpoint"):
+            if is_rank0:
+                copy_tokenizer_files(hf_dir, tmp)
+        with all_ranks_agree("import: putting the output in place"):
+            if is_rank0:
+                commit_output_dir(tmp, out)
+                committed = True
+    except BaseException as e:
+        if tmp is not None and not committed:
             discard_output_dir(tmp)
+        if not isinstance(e, DeltaMoEError) and is_disk_full(e):
+            raise disk_full_error(out, e) from None
         raise
     if is_rank0:
-        commit_output_dir(tmp, out)
         print(f"imported {hf_dir} -> {out} ({config.architecture}, {world} process(es), {time.time() - started:.1f}s save)")
-    torch.distributed.barrier()
     return out
 
 
 def main(args: argparse.Namespace) -> int:
     import_hf(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
               vocab_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite,
-              ignore_config_fields=args.ignore_config_fields)
+              ignore_config_fields=args.ignore_config_fields,
+              timeout_minutes=args.distributed_timeout_minutes)
     return 0

@@ -128,8 +128,11 @@ def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtyp
            max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, spec: str | None = None) -> Path:
     from deltamoe.megatron_ext.moe.plan import PLAN_FILE, UpcyclePlan
     from deltamoe.megatron_ext.runtime.checkpoint import load_model, read_metadata
-    from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
+    from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed, world_size_from_env
 
+    # Before anything that could fail on one rank only: every rank of a torchrun launch stops here at once.
+    if world_size_from_env() != 1:
+        raise DeltaMoEError("export runs in one process (torch_dist reshards any saved layout); launch it without torchrun")
     started = time.time()
     megatron_dir = Path(megatron_dir)
     meta = read_metadata(megatron_dir)

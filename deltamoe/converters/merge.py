@@ -33,7 +33,7 @@ from tqdm import tqdm
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import sha256_dir, versions
 from deltamoe.common.outputs import atomic_output_dir
-from deltamoe.common.hf_folder import copy_tokenizer_files, read_config
+from deltamoe.common.hf_folder import check_same_tokenizer, copy_tokenizer_files, read_config
 from deltamoe.converters.hf_moe_layout import VOCAB_TENSORS
 from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter
 
@@ -174,6 +174,7 @@ def merge_models(*, method: str, base: Path, models: list[Path], out: Path, weig
         raise DeltaMoEError(f"--density: must be in (0, 1], got {density}")
     for m in models:
         check_same_architecture(base, m)
+        check_same_tokenizer(base, m, flag="--models")
     base_reader = SafetensorsReader(base)
     readers = [SafetensorsReader(m) for m in models]
     for m, r in zip(models, readers):

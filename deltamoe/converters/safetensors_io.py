@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from deltamoe.common import faults
 from deltamoe.common.errors import DeltaMoEError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -139,6 +140,7 @@ class ShardWriter:
         self._buffer = {}
         self._storages = set()
         self._buffer_bytes = 0
+        faults.point("shard-written")
 
     def finish(self) -> list[str]:
         """Flush the last shard, give shards their final names and write the index (when there are several)."""

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltamoe.common.errors import DeltaMoEError
+from deltamoe.common.faults import fault_point
 from deltamoe.common.hashing import sha256_dir, sha256_file, versions
 from deltamoe.common.outputs import atomic_output_dir, check_output_dir
 from deltamoe.evaluation.backends import check_model_dir, load_backend
@@ -95,6 +96,7 @@ def evaluate_model(model_dir: str | Path, suite: Suite, *, backend: str = "hf", 
                           if not k.startswith("expert_") or k == "expert_0_share")
         shown = shown or result["details"].get("not_applicable", "")
         tqdm.write(f"{spec.key} [{result['group']}] {shown}")
+        fault_point("eval:task-done")
     suite_info = asdict(suite)
     suite_info["tasks"] = [{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(t).items()} for t in suite.tasks]
     suite_info["path"] = str(suite.path)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from deltamoe.common.errors import DeltaMoEError
+from deltamoe.common.faults import fault_point
 from deltamoe.common.hashing import sha256_dir, versions
 
 
@@ -130,11 +131,17 @@ class Stage:
 
 
 def _training_done(folder: Path, iterations: int) -> bool:
-    tracker = folder / "latest_checkpointed_iteration.txt"
-    if not tracker.exists():
-        return False
-    value = tracker.read_text().strip()
-    return value != "release" and int(value) >= iterations
+    from deltamoe.megatron_ext.runtime.checkpoint import read_tracker
+
+    value = read_tracker(folder)  # a corrupt tracker is an error naming it, not a traceback
+    return isinstance(value, int) and value >= iterations
+
+
+def _dataset_done(prefix: Path) -> bool:
+    """prepare-data writes PREFIX.lang.json last: with it, .bin and .idx are complete (language_tag.py)."""
+    from deltamoe.megatron_ext.data.language_tag import dataset_files
+
+    return all(p.exists() for p in dataset_files(prefix))
 
 
 def _train_command(recipe, nproc: int) -> list[str]:
@@ -179,7 +186,7 @@ def build_stages(p: PipelineRecipe, workdir: Path) -> list[Stage]:
         stages.append(Stage(f"prepare-data:{d.prefix}", prefix,
                             [*deltamoe, "prepare-data", "--input", str(data_root / d.jsonl), "--tokenizer",
                              p.base_model, "--lang", d.lang, "--out", str(prefix), "--model", p.base_model],
-                            lambda prefix=prefix: Path(f"{prefix}.idx").exists() and Path(f"{prefix}.bin").exists()))
+                            lambda prefix=prefix: _dataset_done(prefix)))
     init = p.arms[0].stage1
     dense = workdir / init.init_checkpoint.replace("upcycled", "dense")
     moe = workdir / init.init_checkpoint
@@ -265,13 +272,14 @@ def _select(stages: list[Stage], start: str | None, until: str | None) -> list[S
 
 def run_pipeline(p: PipelineRecipe, workdir: Path, *, start: str | None = None, until: str | None = None,
                  dry_run: bool = False) -> dict:
+    stages = _select(build_stages(p, workdir), start, until)  # a bad --from/--until leaves nothing behind
     workdir.mkdir(parents=True, exist_ok=True)
     manifest_path = workdir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"stages": {}}
     manifest.update(recipe=p.name, versions=versions(), config=_jsonable(p),
                     inputs={"base_model": {"path": p.base_model, "sha256": sha256_dir(p.base_model)}})
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for stage in _select(build_stages(p, workdir), start, until):
+    for stage in stages:
         print(f"\n=== {stage.name}: {shlex.join(stage.command)}", flush=True)
         if stage.done():
             print(f"=== {stage.name}: complete, skipped ({stage.output})", flush=True)
@@ -291,6 +299,7 @@ def run_pipeline(p: PipelineRecipe, workdir: Path, *, start: str | None = None, 
         record.update(status="complete", metrics=stage.metrics())
         _write_json(manifest_path, manifest)
         print(f"=== {stage.name}: done in {elapsed}s", flush=True)
+        fault_point("pipeline:stage-done")
     _write_json(manifest_path, manifest)
     report = workdir / "report" / "report.md"
     if report.exists() and not dry_run:

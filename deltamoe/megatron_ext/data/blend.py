@@ -20,8 +20,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -150,6 +152,7 @@ def load_language_blend(
         for path in dataset_files(prefix)[:2]:
             if not path.exists():
                 raise DeltaMoEError(f"blend: {path} is missing although {prefix}.lang.json exists: re-run prepare-data")
+        check_indexed_files(prefix, tag)
         entries.append(BlendEntry(weight=weight, prefix=prefix, tag=tag))
     first = entries[0]
     for entry in entries[1:]:
@@ -161,6 +164,72 @@ def load_language_blend(
                 "re-run prepare-data with one tokenizer"
             )
     return LanguageBlend(entries=entries, languages=languages, original_languages=original)
+
+
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = struct.Struct("<9sQBQQ")  # magic, version 1, dtype code, sequence count, document count (+ 1)
+
+
+def check_indexed_files(prefix: str, tag: LanguageTag) -> None:
+    """.idx header and both file sizes against the sidecar's counts: a truncated or swapped file is refused here, in
+    O(1), instead of crashing (or silently reading past the data) inside Megatron's IndexedDataset.
+
+    Layout as megatron.core.datasets.indexed_dataset writes it (_IndexWriter.write): the header, then int32 lengths
+    and int64 pointers per sequence and int64 document indices (documents + 1).
+    """
+    import numpy as np
+
+    bin_path, idx_path, sidecar = dataset_files(prefix)
+    idx_size = idx_path.stat().st_size
+    with open(idx_path, "rb") as f:
+        header = f.read(_IDX_HEADER.size)
+    if len(header) < _IDX_HEADER.size or not header.startswith(_IDX_MAGIC):
+        raise DeltaMoEError(f"{idx_path}: not a Megatron index file (truncated or bad header, {idx_size} bytes): "
+                            "re-run prepare-data")
+    _, version, code, num_sequences, num_doc_indices = _IDX_HEADER.unpack(header)
+    expected = (tag.num_sequences, tag.num_documents + 1)
+    if (num_sequences, num_doc_indices) != expected:
+        raise DeltaMoEError(f"{idx_path}: holds {num_sequences} sequences / {num_doc_indices - 1} documents but "
+                            f"{sidecar.name} records {expected[0]} / {expected[1] - 1}: the files do not belong "
+                            "together; re-run prepare-data")
+    want_idx = _IDX_HEADER.size + 12 * num_sequences + 8 * num_doc_indices
+    if idx_size != want_idx:
+        raise DeltaMoEError(f"{idx_path}: {idx_size} bytes, expected {want_idx} for {num_sequences} sequences "
+                            "(truncated or damaged): re-run prepare-data")
+    lengths = np.memmap(idx_path, dtype=np.int32, mode="r", offset=_IDX_HEADER.size, shape=(num_sequences,))
+    total = int(lengths.sum(dtype=np.int64))
+    del lengths
+    if total != tag.num_tokens:
+        raise DeltaMoEError(f"{idx_path}: its sequences hold {total} tokens in all but {sidecar.name} records "
+                            f"{tag.num_tokens}: the files do not belong together; re-run prepare-data")
+    itemsize = np.dtype(tag.dtype).itemsize
+    want_bin = tag.num_tokens * itemsize
+    if bin_path.stat().st_size != want_bin:
+        raise DeltaMoEError(f"{bin_path}: {bin_path.stat().st_size} bytes, expected {want_bin} ({tag.num_tokens} "
+                            f"{tag.dtype} tokens per {sidecar.name}): truncated or damaged; re-run prepare-data")
+
+
+def check_blend_fits_model(blend: LanguageBlend, *, vocab_size: int, checkpoint: str | os.PathLike) -> None:
+    """The data was tokenised for this model: its tokenizer has no ids past the model's vocabulary, and when the
+    checkpoint carries tokenizer files (`deltamoe import` copies them) they are the files prepare-data hashed."""
+    from deltamoe.megatron_ext.data.language_tag import VOCABULARY_FILES
+    from deltamoe.megatron_ext.data.prepare import tokenizer_fingerprint
+
+    checkpoint = Path(checkpoint)
+    has_tokenizer = any((checkpoint / name).exists() for name in VOCABULARY_FILES)
+    fingerprint = tokenizer_fingerprint(checkpoint) if has_tokenizer else None
+    for entry in blend.entries:
+        tok, sidecar = entry.tag.tokenizer, f"{entry.prefix}.lang.json"
+        if tok.vocab_size > vocab_size:
+            raise DeltaMoEError(
+                f"{sidecar}: tokenized with {tok.name} ({tok.vocab_size} tokens) but the model's vocab_size is "
+                f"{vocab_size} ({checkpoint}/deltamoe.json): token ids >= {vocab_size} have no embedding row; re-run "
+                f"prepare-data with the model's tokenizer (--tokenizer {checkpoint})")
+        if fingerprint is not None and tok.fingerprint != fingerprint:
+            raise DeltaMoEError(
+                f"{sidecar}: tokenized with {tok.name} (vocabulary sha256 {tok.fingerprint[:12]}…) but the model's "
+                f"tokenizer files in {checkpoint} hash to {fingerprint[:12]}…: the ids would mean other tokens; "
+                f"re-run prepare-data with --tokenizer {checkpoint}")
 
 
 @dataclass

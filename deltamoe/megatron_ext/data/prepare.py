@@ -34,10 +34,12 @@ import multiprocessing
 import os
 import sys
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 from deltamoe.common.errors import DeltaMoEError
+from deltamoe.common.faults import fault_point
 from deltamoe.common.hashing import sha256_file, versions
 from deltamoe.megatron_ext.data.language_tag import (
     VOCABULARY_FILES,
@@ -126,7 +128,7 @@ def iter_documents(path: Path, *, json_key: str, text_document: str) -> Iterator
                     yield "\n".join(paragraph).strip()
     except UnicodeDecodeError as e:
         raise DeltaMoEError(f"{path}: not UTF-8 text: {e}") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged .gz
         raise DeltaMoEError(f"{path}: cannot read: {e}") from None
 
 
@@ -211,13 +213,25 @@ def model_vocab_size_from(model_dir: str | os.PathLike) -> int:
     return size
 
 
+def _incomplete_marker(prefix: str | os.PathLike) -> Path:
+    """Exists while .bin/.idx are being moved into place and the sidecar is not yet written."""
+    return Path(f"{os.fspath(prefix)}.deltamoe-incomplete")
+
+
 def check_output_prefix(prefix: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuse an existing dataset unless --overwrite; the files of an interrupted prepare-data run are replaced."""
+    from deltamoe.common.outputs import check_writable
+
+    bin_path, idx_path, sidecar = dataset_files(prefix)
+    interrupted = _incomplete_marker(prefix).exists() and not sidecar.exists()
     existing = [str(p) for p in dataset_files(prefix) if p.exists()]
-    if existing and not overwrite:
-        raise DeltaMoEError(f"output {', '.join(existing)} already exists: choose another --out or pass --overwrite")
+    if existing and not overwrite and not interrupted:
+        hint = "" if sidecar.exists() else " (no language tag: not written by `deltamoe prepare-data`)"
+        raise DeltaMoEError(f"output {', '.join(existing)} already exists: choose another --out or pass --overwrite{hint}")
     parent = Path(os.fspath(prefix)).parent
     if parent.exists() and not parent.is_dir():
         raise DeltaMoEError(f"--out {prefix}: {parent} is not a folder")
+    check_writable(parent, what=f"--out {prefix}")
 
 
 # ---------------------------------------------------------------- the job
@@ -259,6 +273,10 @@ def prepare_dataset(
     dtype = DType.optimal_dtype(len(tokenizer))
     bin_path, idx_path, _ = dataset_files(out_prefix)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
+    leftovers = [p for p in bin_path.parent.iterdir() if p.name.startswith((f".{bin_path.name}.tmp-", f".{idx_path.name}.tmp-"))]
+    for leftover in leftovers:
+        print(f"removing {leftover} (left by an interrupted prepare-data run)", file=sys.stderr)
+        leftover.unlink(missing_ok=True)
     token = uuid.uuid4().hex[:8]
     tmp_bin, tmp_idx = bin_path.with_name(f".{bin_path.name}.tmp-{token}"), idx_path.with_name(f".{idx_path.name}.tmp-{token}")
 
@@ -296,10 +314,15 @@ def prepare_dataset(
                      "append_eod": append_eod, "prepend_bos": prepend_bos, "num_skipped_empty": counts["skipped"]},
         )
         # The sidecar marks a complete dataset: drop the old one first, move .bin/.idx in, write the new one last.
+        # The marker tells a rerun that .bin/.idx without a sidecar are this command's own, interrupted, output.
+        marker = _incomplete_marker(out_prefix)
+        marker.write_text(f"prepare-data moving {bin_path.name} and {idx_path.name} into place (pid {os.getpid()})\n")
         dataset_files(out_prefix)[2].unlink(missing_ok=True)
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
+        fault_point("prepare-data:bin-idx-moved")
         write_language_tag(out_prefix, tag)
+        marker.unlink(missing_ok=True)
         return tag
     finally:
         if pool is not None:

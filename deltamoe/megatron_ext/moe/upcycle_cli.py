@@ -72,6 +72,10 @@ def upcycle(dense: str | Path, out: str | Path, *, num_experts: int, topk: int, 
     from deltamoe.megatron_ext.runtime.model_builder import build_gpt_model, transformer_config
     from deltamoe.megatron_ext.runtime.specs import CONVERSION_SPEC
 
+    from deltamoe.megatron_ext.runtime.distributed import world_size_from_env
+
+    if world_size_from_env() != 1:  # before anything that could fail on one rank only
+        raise DeltaMoEError("upcycle runs in one process (the checkpoint reshards on load); launch it without torchrun")
     started = time.time()
     dense = Path(dense)
     meta = read_metadata(dense)

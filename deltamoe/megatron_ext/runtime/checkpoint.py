@@ -12,6 +12,7 @@ Training checkpoints that the trainer writes into the same folder (`iter_0000100
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import torch
 
+from deltamoe.common import faults
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import versions
+from deltamoe.common.outputs import disk_is_full, is_disk_full
 from deltamoe.megatron_ext.internals import in_process_write_results
 from deltamoe.megatron_ext.runtime.checkpoint_layout import checkpoint_keys, fit_request_to_checkpoint
 
@@ -68,14 +71,35 @@ def read_metadata(folder: str | os.PathLike) -> CheckpointMetadata:
         raise DeltaMoEError(f"{path}: not valid DeltaMoE checkpoint metadata: {e}") from None
 
 
+def read_tracker(folder: str | os.PathLike) -> int | str | None:
+    """The tracker file's content: an iteration (int), "release", or None when the folder has no tracker yet.
+
+    Megatron-LM's trainer, given a tracker it cannot parse, prints an error and exits with status 0
+    (megatron/training/checkpointing.py:353-371, `read_metadata` calls `sys.exit()`): every reader checks it here.
+    """
+    tracker = Path(folder) / TRACKER_FILE
+    if not tracker.exists():
+        return None
+    try:
+        value = tracker.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeltaMoEError(f"{tracker}: cannot read ({e})") from None
+    if value == "release":
+        return value
+    if value.isdigit():
+        return int(value)
+    shown = repr(value[:40]) if value else "an empty file"
+    raise DeltaMoEError(f"{tracker}: corrupt checkpoint tracker: expected an iteration number or 'release', found "
+                        f"{shown}; write into it the number of the newest complete iter_* folder next to it")
+
+
 def checkpoint_dir(folder: str | os.PathLike) -> Path:
     """The torch_dist folder that `--load folder` would read: the tracker's iteration or `release`."""
     folder = Path(folder)
-    tracker = folder / TRACKER_FILE
-    if not tracker.exists():
-        raise DeltaMoEError(f"{tracker}: missing (not a Megatron checkpoint folder)")
-    value = tracker.read_text().strip()
-    sub = folder / ("release" if value == "release" else f"iter_{int(value):07d}")
+    value = read_tracker(folder)
+    if value is None:
+        raise DeltaMoEError(f"{folder / TRACKER_FILE}: missing (not a Megatron checkpoint folder)")
+    sub = folder / ("release" if value == "release" else f"iter_{value:07d}")
     if not (sub / "metadata.json").exists():
         raise DeltaMoEError(f"{sub}: torch_dist checkpoint missing or incomplete (no metadata.json)")
     return sub
@@ -101,8 +125,15 @@ def save_checkpoint(model, folder: str | os.PathLike, metadata: CheckpointMetada
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": 0,
     }
-    with in_process_write_results():
-        dist_checkpointing.save(state, str(release), content_metadata=_sharded_metadata())
+    try:
+        with in_process_write_results():
+            dist_checkpointing.save(state, str(release), content_metadata=_sharded_metadata())
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)) and not is_disk_full(e) and disk_is_full(release):
+            # torch_dist's writers drop the errno
+            raise OSError(errno.ENOSPC, "No space left on device while saving a torch_dist checkpoint", str(release)) from e
+        raise
+    faults.point("checkpoint-saved")
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         (folder / TRACKER_FILE).write_text("release")

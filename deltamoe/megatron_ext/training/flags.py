@@ -66,13 +66,22 @@ def split_languages(value: str | None) -> list[str]:
 
 def read_allocation_map(value: str) -> dict:
     """The --expert-allocation-map value: inline JSON or a JSON file."""
-    text = Path(value).read_text() if not value.lstrip().startswith("{") else value
+    inline = value.lstrip().startswith("{")
+    where = "--expert-allocation-map" if inline else f"--expert-allocation-map {value}"
+    if not inline:
+        if not Path(value).is_file():
+            raise DeltaMoEError(f"{where}: no such file (expected inline JSON such as "
+                                '\'{"experts": {"es": [1, 2]}}\' or the path of a JSON file)')
+        try:
+            value = Path(value).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DeltaMoEError(f"{where}: cannot read ({e})") from None
     try:
-        raw = json.loads(text)
+        raw = json.loads(value)
     except json.JSONDecodeError as e:
-        raise DeltaMoEError(f"--expert-allocation-map: not valid JSON: {e}") from None
+        raise DeltaMoEError(f"{where}: not valid JSON: {e}") from None
     if not isinstance(raw, dict):
-        raise DeltaMoEError("--expert-allocation-map: expected a JSON object")
+        raise DeltaMoEError(f"{where}: expected a JSON object")
     return raw if "experts" in raw else {"experts": raw}
 
 

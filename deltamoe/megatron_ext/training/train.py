@@ -32,6 +32,8 @@ A cluster (Slurm; one task per node, torchrun starts the local ranks):
 
 Restarting the same command resumes from the newest checkpoint in --save (--load = --save); the first run, with
 nothing there yet, starts from --pretrained-checkpoint with a fresh optimizer (Megatron's finetune semantics).
+With several processes the process group is made first and every rank's start-up checks (checkpoint, flags, data)
+are agreed on: a rank that fails them stops every rank with an error before Megatron starts (docs/reliability.md).
 Per-language LM loss and the router probability of expert 0 per layer go to --routing-log-file (JSONL, default
 <--save>/deltamoe_routing.jsonl) and to TensorBoard with --tensorboard-dir.
 
@@ -71,7 +73,9 @@ from pathlib import Path
 
 import torch
 
+from deltamoe.common import faults
 from deltamoe.common.errors import DeltaMoEError
+from deltamoe.common.faults import fault_point
 from deltamoe.megatron_ext.internals import build_datasets_on_every_rank
 
 CPU_FLAGS = [
@@ -88,6 +92,7 @@ class _State:
 
     meta = None
     arch = None
+    source = None
     plan = None
     blend = None
     probe = None
@@ -249,9 +254,10 @@ def _prepare_save_folder(args, source: Path) -> None:
 
 def _setup(args) -> None:
     """After Megatron parsed the flags: validate, read the data blend, build the probe and metrics."""
-    from deltamoe.megatron_ext.data.blend import load_language_blend
+    from deltamoe.megatron_ext.data.blend import check_blend_fits_model, load_language_blend
     from deltamoe.megatron_ext.data.language_tag import read_language_tag
     from deltamoe.megatron_ext.moe.allocation import ExpertAllocation, idle_experts
+    from deltamoe.megatron_ext.runtime.specs import resolve_spec_name
     from deltamoe.megatron_ext.moe.router_probe import ProbeSettings, RouterProbe
     from deltamoe.megatron_ext.training.flags import read_allocation_map, split_languages
     from deltamoe.megatron_ext.training.metrics import LanguageMetrics
@@ -268,6 +274,8 @@ def _setup(args) -> None:
                 languages.append(lang)
     _State.blend = load_language_blend(args.data_path, languages=languages,
                                        original_languages=split_languages(args.original_languages))
+    check_blend_fits_model(_State.blend, vocab_size=_State.arch.vocab_size, checkpoint=_State.source)
+    resolve_spec_name(args.deltamoe_layer_spec)  # 'te' without Transformer Engine fails here, not in the model build
     allocation_mask = None
     if args.expert_allocation_map:
         raw = read_allocation_map(args.expert_allocation_map)
@@ -308,51 +316,35 @@ def check_user_flags(argv: list[str], meta, arch, plan, stage: int):
 def main(argv: list[str] | None = None) -> None:
     from megatron.core.enums import ModelType
 
-    from deltamoe.megatron_ext.internals import (
-        complete_frozen_expert_optimizer_state,
-        disable_dataset_helper_compilation,
-        exempt_marked_parameters_from_weight_decay,
-        fix_torch_adam_resume,
-        in_process_write_results,
-    )
-    from deltamoe.megatron_ext.moe.plan import UpcyclePlan
+    from deltamoe.megatron_ext.internals import disable_dataset_helper_compilation, in_process_write_results
     from deltamoe.megatron_ext.runtime import cpu_compat
-    from deltamoe.megatron_ext.runtime.checkpoint import TRACKER_FILE, read_metadata
-    from deltamoe.megatron_ext.runtime.checkpoint_layout import check_trainer_can_load
-    from deltamoe.megatron_ext.training.flags import _argv_value, add_deltamoe_arguments, checkpoint_folder
+    from deltamoe.megatron_ext.runtime.distributed import (
+        DEFAULT_TIMEOUT_MINUTES, all_ranks_agree, init_process_group, world_size_from_env,
+    )
+    from deltamoe.megatron_ext.training.flags import _argv_value
 
+    faults.set_command("train")
+    faults.install_from_env()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "RANK" not in os.environ:  # plain `python -m ...`: a one-process group, as torchrun would describe it
+    cpu_compat.install()  # no-op with CUDA
+    disable_dataset_helper_compilation()
+    # The process group exists before any input is read (Megatron keeps it, see runtime/distributed.py), so the
+    # start-up checks below are agreed on by every rank: one rank failing stops all of them with an error.
+    if world_size_from_env() > 1:
+        timeout = float(_argv_value(argv, "--distributed-timeout-minutes") or DEFAULT_TIMEOUT_MINUTES)
+        init_process_group(timeout_minutes=timeout, backend=_argv_value(argv, "--distributed-backend"))
+    elif "RANK" not in os.environ:  # plain `python -m ...`: a one-process group, as torchrun would describe it
         from deltamoe.megatron_ext.runtime.distributed import _free_port
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    cpu_compat.install()  # no-op with CUDA
-    disable_dataset_helper_compilation()
-    stage = _argv_value(argv, "--deltamoe-stage")
-    if stage not in ("0", "1", "2"):
-        raise DeltaMoEError("--deltamoe-stage 1, 2 (or 0: dense continued pre-training) is required")
-    source = checkpoint_folder(argv)
-    _State.meta = read_metadata(source)
-    _, _State.arch = _State.meta.architecture(str(source / "deltamoe.json"))
-    _State.plan = UpcyclePlan.load(source) if _State.meta.is_moe else None
-    # The checkpoint Megatron will read: --load when it holds iterations (resume), else --pretrained-checkpoint.
-    resuming = _argv_value(argv, "--load") and (Path(_argv_value(argv, "--load")) / TRACKER_FILE).exists()
-    flag = "--load" if resuming else "--pretrained-checkpoint"
-    if _argv_value(argv, flag):
-        check_trainer_can_load(_argv_value(argv, flag), is_moe=_State.meta.is_moe, flag=flag)
+    with all_ranks_agree("training start-up checks"):
+        args = _start_up(argv)
+        fault_point("train:start-up-checked")
 
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
-    from megatron.training.arguments import parse_and_validate_args
 
-    check_user_flags(argv, _State.meta, _State.arch, _State.plan, int(stage))
-    args = parse_and_validate_args(extra_args_provider=add_deltamoe_arguments)
-    fix_torch_adam_resume()
-    exempt_marked_parameters_from_weight_decay()
-    complete_frozen_expert_optimizer_state()
-    _setup(args)
-    _prepare_save_folder(args, source)
     cfg_container = pretrain_cfg_container_from_args(args)
     # Synchronous saves write from threads of this process; megatron's default result queue is a spawned Manager
     # process per rank (an interpreter start per rank at the first save). --async-save writes from another process
@@ -362,9 +354,98 @@ def main(argv: list[str] | None = None) -> None:
                  model_provider=model_provider)
 
 
-if __name__ == "__main__":
+def _start_up(argv: list[str]):
+    """Everything between the command line and `pretrain`: read the checkpoint, expand and parse the flags, check the
+    inputs. Returns Megatron's parsed args."""
+    from deltamoe.megatron_ext.internals import (
+        complete_frozen_expert_optimizer_state,
+        exempt_marked_parameters_from_weight_decay,
+        fix_torch_adam_resume,
+    )
+    from deltamoe.megatron_ext.moe.plan import UpcyclePlan
+    from deltamoe.megatron_ext.runtime.checkpoint import checkpoint_dir, read_metadata, read_tracker
+    from deltamoe.megatron_ext.runtime.checkpoint_layout import check_trainer_can_load
+    from deltamoe.megatron_ext.training.flags import _argv_value, add_deltamoe_arguments, checkpoint_folder
+
+    stage = _argv_value(argv, "--deltamoe-stage")
+    if stage not in ("0", "1", "2"):
+        raise DeltaMoEError("--deltamoe-stage 1, 2 (or 0: dense continued pre-training) is required")
+    load = _argv_value(argv, "--load")
+    if load and read_tracker(load) is not None:
+        checkpoint_dir(load)  # the iteration Megatron would resume from exists and is complete
+    source = checkpoint_folder(argv)
+    _State.source = source
+    _State.meta = read_metadata(source)
+    _, _State.arch = _State.meta.architecture(str(source / "deltamoe.json"))
+    _State.plan = UpcyclePlan.load(source) if _State.meta.is_moe else None
+    # The checkpoint Megatron will read: --load when it holds iterations (resume), else --pretrained-checkpoint.
+    flag = "--load" if load and read_tracker(load) is not None else "--pretrained-checkpoint"
+    if _argv_value(argv, flag):
+        check_trainer_can_load(_argv_value(argv, flag), is_moe=_State.meta.is_moe, flag=flag)
+    _check_sequence_length(argv, _State.arch, source)
+
+    from megatron.training.arguments import parse_and_validate_args
+
+    check_user_flags(argv, _State.meta, _State.arch, _State.plan, int(stage))  # puts the model flags into sys.argv
+
+    try:
+        args = parse_and_validate_args(extra_args_provider=add_deltamoe_arguments)
+    except AssertionError as e:
+        raise DeltaMoEError(f"Megatron-LM's argument check refused the flags: {_assertion_text(e)}") from None
+    fix_torch_adam_resume()
+    exempt_marked_parameters_from_weight_decay()
+    complete_frozen_expert_optimizer_state()
+    _setup(args)
+    _prepare_save_folder(args, source)
+    return args
+
+
+def _check_sequence_length(argv: list[str], arch, source: Path) -> None:
+    from deltamoe.megatron_ext.training.flags import _argv_value
+
+    seq, positions = _argv_value(argv, "--seq-length"), _argv_value(argv, "--max-position-embeddings")
+    if seq is not None and positions is None and seq.isdigit() and int(seq) > arch.max_position_embeddings:
+        raise DeltaMoEError(f"--seq-length {seq} exceeds the model's max_position_embeddings "
+                            f"({arch.max_position_embeddings}, {source}/deltamoe.json): the model never saw positions "
+                            "past it; use a shorter --seq-length (or pass --max-position-embeddings to extend the "
+                            "context on purpose)")
+
+
+def _assertion_text(e: AssertionError) -> str:
+    """The failed assert's message, or its source line when it has none."""
+    import traceback
+
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    where = f"{Path(frame.filename).name}:{frame.lineno}"
+    return f"{e} ({where})" if str(e) else f"{frame.line} ({where})"
+
+
+def _cli() -> None:
+    """`python -m deltamoe.megatron_ext.training.train`: bad input and machine faults are one line, no traceback."""
+    from deltamoe.cli import environment_error
+
     try:
         main()
     except DeltaMoEError as e:
         print(f"deltamoe train: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        from deltamoe.common.outputs import disk_is_full
+        from deltamoe.megatron_ext.training.flags import _argv_value
+
+        message = environment_error(e)
+        save = _argv_value(sys.argv, "--save")
+        if message is None and save and disk_is_full(save):  # Megatron's checkpoint writers drop the errno
+            message = (f"no space left on device under --save {save} ({type(e).__name__}: {str(e).strip()[:200]}); "
+                       "the newest complete checkpoint is the one latest_checkpointed_iteration.txt names: free space "
+                       "and rerun the same command to resume from it")
+        if message is None:
+            raise
+        print(f"deltamoe train: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    _cli()
