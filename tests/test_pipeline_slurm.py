@@ -13,6 +13,7 @@ import dataclasses
 import json
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,6 +110,32 @@ def test_dry_run_of_a_production_pipeline_prints_the_chain(name, tmp_path, monke
                                      "/data/deltamoe:/data/deltamoe"])  # the suite is inside the data root
     assert re.search(r"IMAGE=(\S+)", out).group(1) == str(Path("~/deltamoe.sqsh").expanduser())
     assert not workdir.exists()
+    assert subprocess.run(["bash", "-n"], input=out, text=True).returncode == 0  # the dry run is a shell script
+
+
+def test_every_demo_stage_gets_its_own_job_name_and_log(tmp_path):
+    from deltamoe.recipes.demo_pipeline import demo
+    from deltamoe.recipes.pipeline import build_stages
+
+    workdir = tmp_path / "w"
+    p = demo(cache=tmp_path / "cache", workdir=workdir, expert_allocation="both", quick=True)
+    jobs = slurm.plan_jobs(p, build_stages(p, workdir), workdir, SlurmOptions(container_image=None))
+    assert len({j.name for j in jobs}) == len({j.log for j in jobs}) == len(jobs) > 20
+    assert all(j.log.parent == workdir / "logs" for j in jobs)  # prepare-data:indexed/x.train is no sub-folder
+    training = {j.stage.name: j.script.name for j in jobs if j.script != slurm.STEP_SCRIPT}
+    assert training == {"stage1": "stage1_cpt_8gpu_h100.sbatch", "stage2": "stage2_review_8gpu_h100.sbatch",
+                        "stage1:by-language": "stage1_cpt_8gpu_h100.sbatch",
+                        "stage2:by-language": "stage2_review_8gpu_h100.sbatch", "dense-cpt": "stage1_cpt_8gpu_h100.sbatch"}
+    assert all(j.gpus_per_node == 0 for j in jobs)  # a CPU recipe asks for no GPU anywhere
+
+
+def test_options_without_effect_are_named(tmp_path, capsys):
+    argv = ["pipeline", "demo", "--dry-run", "--workdir", str(tmp_path / "w"), "--cache", str(tmp_path / "cache"),
+            "--partition", "gpu", "--base-model", "/models/B"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "--partition has no effect here (--launcher slurm only)" in err
+    assert "--base-model has no effect here (production pipelines only)" in err
 
 
 def test_production_pipelines_pair_every_stage1_with_its_stage2():
@@ -195,7 +222,7 @@ def test_nothing_stays_submitted_when_slurm_refuses_a_job(tiny_inputs, tmp_path)
     refused = FakeSlurm(refuse_test=True)
     with pytest.raises(DeltaMoEError, match="invalid partition specified"):
         submit_pipeline(p, workdir, options=SlurmOptions(container_image=None, partition="gpu"), slurm=refused)
-    assert [kind for kind, _ in refused.calls] == ["test"]
+    assert [kind for kind, _ in refused.calls] == ["test"] and not workdir.exists()
     failing = FakeSlurm(fail_submit_at=3)
     with pytest.raises(DeltaMoEError, match="QOSMaxSubmitJobPerUserLimit"):
         submit_pipeline(p, workdir, options=SlurmOptions(container_image=None), slurm=failing)
@@ -226,8 +253,6 @@ def test_missing_inputs_are_refused_before_anything_is_submitted(tiny_inputs, tm
 def test_step_script_runs_one_command_in_the_container():
     text = slurm.STEP_SCRIPT.read_text()
     assert text.count("srun ") == 1 and '"$@"' in text and "--container-image" in text
-    import subprocess
-
     assert subprocess.run(["bash", "-n", str(slurm.STEP_SCRIPT)], check=False).returncode == 0
 
 
@@ -268,6 +293,14 @@ def test_tiny_chain_runs_on_a_one_node_slurm_cluster(tiny_inputs, tmp_path, monk
         failed = [(s, jobs[i]["JobState"], logs[s].read_text()[-3000:] if logs[s].exists() else "no log")
                   for s, i in zip(CHAIN, ids) if jobs[i]["JobState"] != "COMPLETED"]
         assert not failed, failed
+        from datetime import datetime
+
+        def seconds(info, a, b):
+            return (datetime.fromisoformat(info[b]) - datetime.fromisoformat(info[a])).total_seconds()
+
+        with capsys.disabled():  # job times, for the record (pytest -s shows them)
+            print("\n".join(f"job {i} {s}: waited {seconds(jobs[i], 'SubmitTime', 'StartTime'):.0f} s, "
+                            f"ran {seconds(jobs[i], 'StartTime', 'EndTime'):.0f} s" for s, i in zip(CHAIN, ids)))
         # One after the other, in the pipeline's order.
         for before, after in zip(ids, ids[1:]):
             assert jobs[after]["StartTime"] >= jobs[before]["EndTime"], (jobs[before], jobs[after])

@@ -145,7 +145,7 @@ def plan_jobs(p, stages: list, workdir: Path, options: SlurmOptions) -> list[Job
             script, nodes, env = STEP_SCRIPT, 1, {}
             arguments = [python if a == sys.executable else a for a in stage.command]
             gpus = 1 if device == "cuda" and stage.name.split(":")[0] in GPU_STEPS else 0
-        slug = stage.name.replace(":", "-")
+        slug = re.sub(r"[^\w.+-]", "-", stage.name)  # prepare-data:indexed/es.train -> a file name, not a folder
         jobs.append(Job(stage=stage, name=f"deltamoe-{p.name}-{slug}", script=script, nodes=nodes, gpus_per_node=gpus,
                         cpus_per_task=options.cpus_per_task or int(_header(script, "cpus-per-task")),
                         time=_header(script, "time"), arguments=arguments, env=env,
@@ -186,8 +186,8 @@ class SlurmCommands:
             raise DeltaMoEError(f"`{shlex.join(argv[:2])} ...` did not answer within {timeout:.0f} s: is slurmctld "
                                 f"reachable from here (scontrol ping)?") from None
         if proc.returncode != 0:
-            raise DeltaMoEError(f"`{shlex.join(argv[:2])} ...` failed (exit {proc.returncode}): "
-                                f"{(proc.stderr or proc.stdout).strip()}")
+            said = "; ".join(line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip())
+            raise DeltaMoEError(f"`{shlex.join(argv[:2])} ...` failed (exit {proc.returncode}): {said}")
         return proc.stdout
 
     def queued(self) -> dict[tuple[str, str], tuple[str, str]]:
@@ -276,9 +276,9 @@ def submit_pipeline(p, workdir: Path, *, start: str | None = None, until: str | 
     records = manifest["stages"]
     previous: str | None = None  # the id (or, in a dry run, the $variable) of the chain's last job so far
     if not dry_run:
-        (workdir / "logs").mkdir(parents=True, exist_ok=True)
         for job in to_submit:  # nothing is submitted unless Slurm accepts every request
             slurm.test_only(job.sbatch(workdir, options, []), {**chain_env, **job.env})
+        (workdir / "logs").mkdir(parents=True, exist_ok=True)  # Slurm does not make the --output folder
     submitted: list[str] = []
     for job, action, queued_id in plan:
         if action == "complete":
