@@ -20,7 +20,7 @@ from deltamoe.recipes.layout import GB
 from deltamoe.recipes.production import RECIPES, get_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-SLURM_SCRIPTS = sorted((REPO / "deltamoe/recipes/slurm").glob("*.sbatch"))
+SLURM_SCRIPTS = sorted((REPO / "deltamoe/recipes/slurm").glob("stage*.sbatch"))  # training; step_1node: test_pipeline_slurm
 
 
 def flag(args: list[str], name: str) -> str:

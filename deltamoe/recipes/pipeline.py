@@ -4,6 +4,9 @@
     deltamoe pipeline demo --workdir runs/demo --scale 3       # longer, stronger effect
     deltamoe pipeline demo --workdir runs/demo --from stage2 --until graft
     deltamoe pipeline demo --workdir runs/demo --expert-allocation both   # learned vs by-language, side by side
+    deltamoe pipeline qwen2_5_7b_8gpu_h100_bf16 --workdir /ckpt/run1 --base-model /models/Qwen2.5-7B \\
+        --post-model /models/Qwen2.5-7B-Instruct --data-root /data/deltamoe --suite suite.yaml \\
+        --launcher slurm --partition gpu --dry-run       # a production recipe pair as Slurm jobs (drop --dry-run to submit)
 
 Each stage is the command a user would run alone (`deltamoe import ...`, `torchrun ... -m
 deltamoe.megatron_ext.training.train ...`), run as a subprocess and printed first. A stage whose output is complete
@@ -320,25 +323,69 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="pipeline recipe: 'demo' (the embedded default)")
-    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where checkpoints, results and the manifest go")
+    from deltamoe.recipes.launch import slurm
+    from deltamoe.recipes import production_pipeline
+
+    parser.add_argument("recipe", help="pipeline recipe: 'demo' (the embedded default) or a production pipeline "
+                                       "(a model's stage 1 + stage 2 recipes, e.g. qwen2_5_7b_8gpu_h100_bf16; "
+                                       "deltamoe/recipes/production_pipeline.py)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where checkpoints, results and the manifest go (default: runs/<recipe>)")
     parser.add_argument("--from", dest="start", help="first stage to run (e.g. stage1)")
     parser.add_argument("--until", help="last stage to run (e.g. graft)")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="local: run the stages here, one after the other; slurm: submit them as sbatch jobs "
+                             "chained with --dependency=afterok (deltamoe/recipes/launch/slurm.py)")
     parser.add_argument("--scale", type=float, default=1.0, help="demo only: multiply training iterations")
     parser.add_argument("--quick", action="store_true", help="demo only: a few steps per stage (CI's end-to-end check)")
     parser.add_argument("--expert-allocation", choices=("learned", "by-language", "both"), default="learned",
                         help="demo only: MoE arms to train: learned routing (MoE-LPR, the default), experts allocated "
                              "by language (docs/allocation.md), or both side by side in one report")
     parser.add_argument("--cache", type=Path, default=None, help="demo asset cache (default $DELTAMOE_CACHE or ~/.cache/deltamoe)")
-    parser.add_argument("--dry-run", action="store_true", help="print the stage commands without running them")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the stage commands (with --launcher slurm: the sbatch lines) without running them")
+    production_pipeline.add_arguments(parser)
+    slurm.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     from deltamoe.recipes.demo_pipeline import PIPELINES
+    from deltamoe.recipes.production_pipeline import PIPELINES as PRODUCTION, missing_inputs, production_pipeline
 
-    if args.recipe not in PIPELINES:
-        raise DeltaMoEError(f"unknown pipeline recipe {args.recipe!r}; known: {', '.join(PIPELINES)}")
-    recipe = PIPELINES[args.recipe](scale=args.scale, quick=args.quick, cache=args.cache, workdir=args.workdir.resolve(),
-                                    expert_allocation=args.expert_allocation)
-    run_pipeline(recipe, args.workdir.resolve(), start=args.start, until=args.until, dry_run=args.dry_run)
+    workdir = (args.workdir or Path("runs") / args.recipe).resolve()
+    _warn_unused(args, demo=args.recipe in PIPELINES)
+    if args.recipe in PIPELINES:
+        recipe = PIPELINES[args.recipe](scale=args.scale, quick=args.quick, cache=args.cache, workdir=workdir,
+                                        expert_allocation=args.expert_allocation)
+    elif args.recipe in PRODUCTION:
+        recipe = production_pipeline(args.recipe, base_model=args.base_model, post_model=args.post_model,
+                                     data_root=args.data_root, suite=args.suite, workdir=workdir)
+    else:
+        raise DeltaMoEError(f"unknown pipeline recipe {args.recipe!r}; known: {', '.join([*PIPELINES, *sorted(PRODUCTION)])}")
+    if args.launcher == "slurm":
+        from deltamoe.recipes.launch.slurm import options_from_args, submit_pipeline
+
+        submit_pipeline(recipe, workdir, start=args.start, until=args.until, dry_run=args.dry_run,
+                        options=options_from_args(args))
+        return 0
+    problems = [] if recipe.fetch_assets or args.dry_run else missing_inputs(recipe)
+    if problems:
+        raise DeltaMoEError(f"pipeline {recipe.name}: inputs are missing:\n  " + "\n  ".join(problems))
+    run_pipeline(recipe, workdir, start=args.start, until=args.until, dry_run=args.dry_run)
     return 0
+
+
+def _warn_unused(args: argparse.Namespace, *, demo: bool) -> None:
+    """Name the options that have no effect on this run (a typo'd launcher or recipe is otherwise silent)."""
+    groups = {"demo only": {"scale": 1.0, "quick": False, "expert_allocation": "learned", "cache": None},
+              "production pipelines only": {"base_model": None, "post_model": None, "data_root": None, "suite": None},
+              "--launcher slurm only": {"partition": None, "account": None, "cpus_per_task": None, "no_container": False,
+                                        "sbatch_arg": []}}
+    unused = [] if demo else ["demo only"]
+    unused += ["production pipelines only"] if demo else []
+    unused += ["--launcher slurm only"] if args.launcher != "slurm" else []
+    for group in unused:
+        for name, default in groups[group].items():
+            if getattr(args, name) != default:
+                print(f"deltamoe pipeline: warning: --{name.replace('_', '-')} has no effect here ({group})",
+                      file=sys.stderr)
