@@ -36,6 +36,7 @@ from deltamoe.common.outputs import atomic_output_dir
 from deltamoe.common.hf_folder import copy_tokenizer_files, read_config
 from deltamoe.converters.hf_moe_layout import TensorRole, format_for_dense, format_of_config, parse_moe_name
 from deltamoe.converters.hf_upcycle import ffn_slice
+from deltamoe.converters.model_card import write_graft_card
 from deltamoe.converters.merge import check_finite, check_same_architecture, extra_vocab_rows, peak_rss_gib
 from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter
 from deltamoe.megatron_ext.moe.plan import PLAN_FILE, UpcyclePlan
@@ -218,6 +219,7 @@ def graft(*, base: Path, post: Path, moe: Path, out: Path, scale: float = 1.0, e
             "elapsed_s": round(elapsed, 3), "peak_rss_gib": round(peak_rss_gib(), 3), "versions": versions(),
         }
         (tmp / "deltamoe_graft.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_graft_card(tmp, manifest, name=out.name, base=base, post=post, moe=moe)
     return manifest
 
 

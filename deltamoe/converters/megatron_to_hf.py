@@ -27,6 +27,7 @@ from deltamoe.common.hf_folder import TOKENIZER_FILES
 from deltamoe.architectures import read_architecture_config
 from deltamoe.architectures.moe import MOE_FORMATS, moe_hf_config
 from deltamoe.converters.mapping import expand_rules
+from deltamoe.converters.model_card import write_export_card
 from deltamoe.converters.safetensors_io import ShardWriter
 from deltamoe.converters.transforms import to_hf
 
@@ -158,6 +159,7 @@ def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtyp
             if fmt_name == "qwen2_moe" and _ungated_shared(meta.moe) and plan.shared_expert is not None:
                 plan.shared_expert.fc2_scale *= UNGATED_SHARED_FC2_SCALE
             plan.save(tmp)
+        write_export_card(tmp, name=Path(out).name, megatron_dir=megatron_dir, meta=meta, hf_format=fmt_name or arch.name)
     print(f"exported {megatron_dir} -> {out} ({fmt_name or arch.name}) in {time.time() - started:.1f}s")
     return Path(out)
 
