@@ -48,3 +48,19 @@ def test_every_demo_stage_has_an_estimate(tmp_path):
         assert all(recipe.estimate(s.name) for s in stages), [s.name for s in stages if not recipe.estimate(s.name)]
     bigger = demo(cache=tmp_path / "cache", workdir=tmp_path / "w", scale=3)
     assert bigger.estimate("stage1") > demo(cache=tmp_path / "cache", workdir=tmp_path / "w").estimate("stage1")
+
+
+def test_training_progress_line_has_tokens_per_second_eta_and_losses_per_language():
+    from deltamoe.megatron_ext.training.metrics import LanguageMetrics
+
+    m = LanguageMetrics(languages=["en", "es", "ru"], num_layers=2, probe=None, log_file=None, interval=5, stage=1,
+                        train_iters=100, tokens_per_iteration=4 * 256)
+    m.start_clock(10, now=1000.0)  # resumed after iteration 10
+    record = {"iteration": 15, "tokens": {"en": 0, "es": 2560, "ru": 2560}, "lm_loss": {"en": None, "es": 2.5, "ru": 3.25},
+              "expert0_prob": {"en": [None, None], "es": [0.5, 0.3], "ru": [0.2, 0.2]}, "lpr_loss_per_layer": 0.125}
+    line = m.progress_line(record, now=1050.0)
+    # 5 iterations x 1024 tokens in 50 s; 85 iterations left at 10 s each.
+    assert line == ("deltamoe stage 1 | iteration 15/100 | 102 tokens/s | elapsed 0:00:50 | ETA 0:14:10 | "
+                    "lm loss es 2.500 ru 3.250 | p(expert 0) es 0.40 ru 0.20 | lpr loss 0.1250")
+    later = m.progress_line({**record, "iteration": 20}, now=1060.0)  # tokens/s over the last interval only
+    assert "| 512 tokens/s |" in later and "ETA 0:08:00" in later  # the ETA: the mean over the run, 6 s each

@@ -5,7 +5,7 @@ installed", "No CUDA runtime is found", deprecations inside megatron-core), whic
 Each entry below names one message exactly (a regular expression matched at the start of the message, as
 `warnings.filterwarnings` does), the module that emits it, and why it is harmless for DeltaMoE. Anything not listed
 is shown as usual. The filters are installed when the `deltamoe` package is imported, before torch or megatron are,
-so the module entry (`python -m deltamoe.megatron_ext.training.train`) and every subcommand are quiet alike.
+so the trainer's module entry and every subcommand are quiet alike.
 
 `deltamoe --verbose ...` (or `DELTAMOE_VERBOSE=1`) shows everything. The CLI flag sets the variable, so the
 processes a pipeline launches (torchrun, the trainer, export, eval, ...) inherit the choice.

@@ -30,11 +30,10 @@ from deltamoe.megatron_ext.moe.router_probe import RouterProbe
 
 class LanguageMetrics:
     def __init__(self, *, languages: list[str], num_layers: int, probe: RouterProbe, log_file: str | None,
-                 interval: int, stage: int, train_iters: int | None = None, tokens_per_iteration: int | None = None,
-                 print_progress: bool = True):
+                 interval: int, stage: int, train_iters: int | None = None, tokens_per_iteration: int | None = None):
         self.languages, self.num_layers, self.probe = list(languages), num_layers, probe
         self.log_file, self.interval, self.stage = log_file, max(1, interval), stage
-        self.train_iters, self.tokens_per_iteration, self.print_progress = train_iters, tokens_per_iteration, print_progress
+        self.train_iters, self.tokens_per_iteration = train_iters, tokens_per_iteration
         self.lm_sums: torch.Tensor | None = None  # [2, languages]: loss sum, token count
         self.started: tuple[int, float] | None = None
         """(iteration completed before this run's first step, wall time of that step's start)."""
@@ -88,8 +87,7 @@ class LanguageMetrics:
             record["lpr_loss_per_layer"] = float(probe[2, 0, 0] / probe[2, 0, 1])
         if _rank() == 0:
             self._write(record)
-            if self.print_progress:
-                print(self.progress_line(record), flush=True)
+            print(self.progress_line(record), flush=True)
         return record
 
     def progress_line(self, record: dict, now: float | None = None) -> str:
