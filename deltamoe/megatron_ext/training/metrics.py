@@ -13,7 +13,8 @@ TensorBoard scalars when Megatron has a writer (`--tensorboard-dir` and tensorbo
 
 tokens/s counts global batch x sequence length per iteration (Megatron's accounting) over the wall time since the
 previous line; the ETA extrapolates the mean time per iteration of this run (checkpoint saves and evaluations
-included) to --train-iters.
+included) to --train-iters. The clock starts at the first micro-batch and reads at the end of the backward pass (the
+hook runs before the optimizer step), so the first line leaves out one optimizer step; later lines include them all.
 """
 
 from __future__ import annotations
