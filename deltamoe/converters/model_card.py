@@ -177,7 +177,8 @@ def _training_section(stages: list[dict]) -> list[str]:
             settings.append(f"experts allocated {s['expert_allocation']} (allocation loss {s.get('allocation_loss_coeff')})")
         p = s.get("parallel") or {}
         if p:
-            settings.append(f"{p.get('world_size')} processes (TP {p.get('tensor')}, PP {p.get('pipeline')}, "
+            n = p.get("world_size")
+            settings.append(f"{n} process{'es' if n != 1 else ''} (TP {p.get('tensor')}, PP {p.get('pipeline')}, "
                             f"EP {p.get('expert')})")
         lines.append(f"- stage {s['stage']}: " + "; ".join(settings))
     return lines
@@ -252,7 +253,7 @@ def write_export_card(out: str | os.PathLike, *, name: str, megatron_dir: str | 
     label = FORMAT_NAMES.get(hf_format, hf_format)
     kind = f"a {label} mixture of experts" if is_moe else f"a dense {label} model"
     body = [f"# {name}", "",
-            f"{kind.capitalize()} made with DeltaMoE from `{ref[0]}`, exported from the Megatron checkpoint "
+            f"{kind[0].upper() + kind[1:]} made with DeltaMoE from `{ref[0]}`, exported from the Megatron checkpoint "
             f"`{megatron_dir}`.", ""]
     if is_moe:
         body += ["## Upcycling", "", "Every FFN of the dense model became a mixture of experts; at step 0 the MoE "
