@@ -87,7 +87,7 @@ def test_evaluation_table_is_added_and_replaced(tmp_path):
     write(0.5)
     add_evaluation(out, results)
     text = (out / "README.md").read_text()
-    assert text.count(EVAL_BEGIN) == 1 and "| perplexity | es | 4 | bits_per_byte | 0.5 |" in text
+    assert text.count(EVAL_BEGIN) == 1 and "| perplexity | es | 4 | bits_per_byte 0.5 |" in text
     assert "1.234" not in text and text.index("## Evaluation") < text.index("## License")
     assert front_matter(out)["base_model_relation"] == "merge"  # the front matter survived
     ModelCard.load(out / "README.md")

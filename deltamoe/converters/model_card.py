@@ -359,11 +359,12 @@ def _evaluation_section(results: dict, report: Path | None) -> list[str]:
     lines = [EVAL_BEGIN, "## Evaluation", "",
              f"DeltaMoE's offline suite `{results.get('suite', {}).get('content', {}).get('name', '?')}` "
              f"({backend.get('name')}, {backend.get('device')}, {backend.get('dtype')}; seed {results.get('seed')}).", "",
-             "| task | language | examples | metric | value |", "|---|---|---|---|---|"]
+             "| task | language | examples | metrics |", "|---|---|---|---|"]
     for r in results.get("results", []):
-        for metric, value in (r.get("metrics") or {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                lines.append(f"| {r['task']} | {r['language']} | {r.get('num_examples', '')} | {metric} | {value:.4g} |")
+        metrics = [f"{metric} {value:.4g}" for metric, value in (r.get("metrics") or {}).items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        if metrics:
+            lines.append(f"| {r['task']} | {r['language']} | {r.get('num_examples', '')} | {'; '.join(metrics)} |")
     if report is not None and report.exists():
         lines += ["", f"Comparison with the base, the post-trained model and the baselines: `{report}`."]
     lines.append(EVAL_END)
