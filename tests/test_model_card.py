@@ -5,7 +5,6 @@ ModelCard parses, naming the base model and saying how the model was made; trans
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
