@@ -1,8 +1,14 @@
-"""`deltamoe <subcommand>`: one CLI for every job outside the trainer.
+"""`deltamoe <subcommand>`: one CLI for every job, training included.
 
 Each subcommand lives in its own module, which defines `add_arguments(parser)` and `main(args) -> int | None`.
 Modules are imported only when their subcommand runs, so `deltamoe graft` never pays for importing megatron-core.
-Training runs through torchrun: `torchrun --nproc-per-node 8 -m deltamoe.megatron_ext.training.train ...`.
+`train` is the exception: its flags are Megatron-LM's (plus DeltaMoE's), so its argv goes untouched to the trainer's
+own parser (`main_argv(argv)`). torchrun launches it like any module:
+    torchrun --nproc-per-node 8 -m deltamoe train --deltamoe-stage 1 ...
+(`-m deltamoe.megatron_ext.training.train` is the same entry).
+
+Known, harmless warnings of megatron-core, torch and transformers are filtered (deltamoe/common/quiet.py);
+`deltamoe --verbose <subcommand>` or DELTAMOE_VERBOSE=1 shows them, in every process a pipeline starts too.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import importlib
 import sys
 
 from deltamoe.common import faults
+from deltamoe.common import quiet
 from deltamoe.common.errors import DeltaMoEError
 
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
@@ -32,6 +39,7 @@ def environment_error(e: BaseException) -> str | None:
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("deltamoe.megatron_ext.training.train", "train stage 1 / 2 with Megatron-LM's trainer (torchrun ... -m deltamoe train)"),
     "import": ("deltamoe.converters.hf_to_megatron", "Hugging Face dense checkpoint -> Megatron torch_dist checkpoint"),
     "export": ("deltamoe.converters.megatron_to_hf", "Megatron torch_dist checkpoint (dense or MoE) -> Hugging Face safetensors"),
     "upcycle": ("deltamoe.megatron_ext.moe.upcycle_cli", "Megatron dense checkpoint -> upcycled MoE checkpoint (expert 0 = original FFN)"),
@@ -43,7 +51,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "report": ("deltamoe.evaluation.report", "compare eval results of several models: Markdown, JSON and plots"),
     "pipeline": ("deltamoe.recipes.pipeline", "run a recipe end to end: import -> upcycle -> train -> export -> graft -> eval -> report"),
     "fetch-demo-assets": ("deltamoe.recipes.demo_assets", "fetch and verify the offline demo assets (SmolLM2, public texts)"),
+    "env": ("deltamoe.megatron_ext.runtime.environment", "versions, devices, the layer spec `auto` picks and why (for bug reports)"),
 }
+VERBOSE_HELP = "show every warning of megatron-core, torch and transformers (also: DELTAMOE_VERBOSE=1)"
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -54,12 +64,19 @@ def _top_parser() -> argparse.ArgumentParser:
         epilog="subcommands:\n" + "\n".join(lines) + "\n\nRun `deltamoe <subcommand> --help` for each one's options and an example.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     parser.add_argument("subcommand", choices=list(SUBCOMMANDS), metavar="subcommand")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # `deltamoe --verbose SUB ...` or `deltamoe SUB ... --verbose`: decided before any module (torch, megatron) loads.
+    while argv and argv[0] == "--verbose":
+        argv.pop(0)
+        quiet.set_verbose()
+    if "--verbose" in argv:
+        quiet.set_verbose()
     if not argv or argv[0] not in SUBCOMMANDS:
         parser = _top_parser()
         if not argv or argv[0] in ("-h", "--help"):
@@ -68,16 +85,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv[:1])  # prints the usage error and exits 2
     name = argv[0]
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    parser = argparse.ArgumentParser(
-        prog=f"deltamoe {name}",
-        description=(module.__doc__ or SUBCOMMANDS[name][1]).strip(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
-    faults.set_command(name)
-    faults.install_from_env()
     try:
+        if hasattr(module, "main_argv"):  # the trainer: Megatron-LM's parser reads argv as it is
+            return int(module.main_argv(argv[1:]) or 0)
+        parser = argparse.ArgumentParser(
+            prog=f"deltamoe {name}",
+            description=(module.__doc__ or SUBCOMMANDS[name][1]).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(parser)
+        parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+        args = parser.parse_args(argv[1:])
+        faults.set_command(name)
+        faults.install_from_env()
         return int(module.main(args) or 0)
     except DeltaMoEError as e:
         print(f"deltamoe {name}: error: {e}", file=sys.stderr)

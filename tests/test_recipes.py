@@ -173,7 +173,7 @@ def test_slurm_script_recipe_passes_the_dry_run(script):
     sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)$", text, re.MULTILINE))
     assert int(sbatch["nodes"]) == recipe.parallel.num_nodes and int(sbatch["gpus-per-node"]) == recipe.parallel.gpus_per_node
     assert text.count("srun ") == 1 and "--container-image" in text
-    assert "-m deltamoe.megatron_ext.training.train" in text and "python -m deltamoe.recipes.launch.args" in text
+    assert "-m deltamoe train" in text and "python -m deltamoe.recipes.launch.args" in text
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
     report = local.dry_run(recipe)
     assert "megatron-core accepts the flags" in report and "torchrun" in report and "warning" not in report

@@ -1,7 +1,7 @@
 """Both training stages through Megatron-LM's trainer on CPU (gloo), on a tiny upcycled Llama.
 
-Each trainer run is a subprocess (`python -m deltamoe.megatron_ext.training.train`, or torchrun for two processes), as
-a user would launch it; the checks read the checkpoints it writes (loaded back with torch_dist) and the per-language
+Each trainer run is a subprocess (`python -m deltamoe.megatron_ext.training.train`, torchrun for two processes, and
+`torchrun -m deltamoe train` once, checked against the module entry), as a user would launch it; the checks read the checkpoints it writes (loaded back with torch_dist) and the per-language
 JSONL metrics. Dropout is 0 and seeds are fixed, so resumed runs must match unbroken ones bit for bit.
 """
 
@@ -73,20 +73,28 @@ def _env() -> dict:
     return env
 
 
-def train(ws, out: Path, *, iters: int, stage: int = 1, init: Path | None = None, blend=None, nproc: int = 1,
-          extra: list[str] = ()) -> list[dict]:
-    """Run the training entry; returns the JSONL records (one per iteration)."""
+MODULE_ENTRY = ("-m", "deltamoe.megatron_ext.training.train")
+
+
+def run_trainer(ws, out: Path, *, iters: int, stage: int = 1, init: Path | None = None, blend=None, nproc: int = 1,
+                extra: list[str] = (), entry=MODULE_ENTRY, torchrun: bool = False) -> subprocess.CompletedProcess:
+    """Run a training entry (plain python for one process unless `torchrun`); the finished process."""
     blend = blend or ["1.0", ws["data"]["es"]]
     flags = ["--deltamoe-stage", str(stage), "--pretrained-checkpoint", str(init or ws["moe"]), "--load", str(out),
              "--save", str(out), "--data-path", *blend, "--original-languages", "en", "--languages", "en,es",
              "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters),
              "--lr", "1e-3", "--min-lr", "1e-3", "--lr-decay-style", "constant", "--log-interval", "1",
              "--save-interval", "1000", "--seed", "1234", *extra]
-    entry = ["-m", "deltamoe.megatron_ext.training.train"]
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                                                     str(nproc), "--master-port", str(_free_port())]
-    result = subprocess.run([*launcher, *entry, *flags], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    launcher = [sys.executable] if nproc == 1 and not torchrun else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_free_port())]
+    result = subprocess.run([*launcher, *entry, *flags], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def train(ws, out: Path, **kwargs) -> list[dict]:
+    """Run the training entry; returns the JSONL records (one per iteration)."""
+    run_trainer(ws, out, **kwargs)
     return [json.loads(line) for line in (out / "deltamoe_routing.jsonl").read_text().splitlines()]
 
 
@@ -154,6 +162,50 @@ def test_stage1_trains_new_experts_only_and_loss_falls(workspace, stage1):
 
     want = requested_keys(te_layer_spec(num_experts=4, qk_layernorm=False), qkv_bias=False, tied=False)
     assert checkpoint_model_keys(checkpoint_dir(out)) == want
+
+
+@pytest.mark.slow
+def test_deltamoe_train_under_torchrun_equals_the_module_entry(workspace, stage1):
+    """`torchrun -m deltamoe train FLAGS` (the CLI users launch) trains exactly what `-m ...training.train FLAGS` does:
+    the same losses and bit-identical weights; rank 0 prints one progress line per log interval."""
+    module_out, module_records = stage1
+    out = workspace["root"] / "cli-train"
+    result = run_trainer(workspace, out, iters=6, entry=("-m", "deltamoe", "train"), torchrun=True)
+    records = [json.loads(line) for line in (out / "deltamoe_routing.jsonl").read_text().splitlines()]
+    assert lm_losses(records) == lm_losses(module_records)
+    cli, module = weights(out), weights(module_out)
+    assert cli.keys() == module.keys() and all(torch.equal(cli[k], module[k]) for k in cli)
+    progress = [line for line in result.stdout.splitlines() if line.startswith("deltamoe stage 1 | iteration ")]
+    assert [line.split(" | ")[1] for line in progress] == [f"iteration {i}/6" for i in range(1, 7)]
+    assert all("tokens/s" in line and "ETA" in line and "lm loss es " in line for line in progress), progress
+    assert " iteration        6/       6 |" in result.stdout  # Megatron's own line stays
+    assert "layer spec fast" in result.stdout or "layer spec te" in result.stdout
+
+
+@pytest.mark.slow
+def test_export_card_lists_the_training_stages(workspace, stage1, tmp_path):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    from deltamoe.converters.megatron_to_hf import export
+
+    init, _ = stage1
+    hf = workspace["root"] / "hf"
+    (hf / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: [en]\n---\n# tiny base\n")
+    try:
+        out = export(init, tmp_path / "hf-moe")
+    finally:
+        (hf / "README.md").unlink()
+    card = ModelCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == "hf" and data["base_model_relation"] == "finetune" and data["license"] == "apache-2.0"
+    assert data["language"] == ["en", "es"] and {"deltamoe", "moe", "mixtral"} <= set(data["tags"])
+    # 6 iterations x global batch 4 x sequence 32 = 768 tokens, all Spanish by the trainer's own count.
+    row = next(line for line in card.text.splitlines() if line.startswith("| 1 |"))
+    assert "| 6 of 6 |" in row and "| 4 x 32 |" in row and "| 768 |" in row and "`es` (es, 1, " in row and "es 768" in row
+    record = json.loads((out / "deltamoe_training.json").read_text())["stages"]
+    assert [(s["stage"], s["iterations"]) for s in record] == [(1, 6)]
+    AutoModelForCausalLM.from_pretrained(out)
 
 
 @pytest.mark.slow
@@ -240,6 +292,10 @@ def test_stage2_trains_routers_only_and_lpr_moves_original_language_to_expert0(w
         else:
             assert torch.equal(before[name], after[name]), f"{name} changed in stage 2"
     assert all(r["tokens"]["en"] > 0 for r in records)
+    # The training record carries stage 1 (with the iterations it completed) into stage 2's folder.
+    from deltamoe.megatron_ext.training.record import read_training_record
+
+    assert [(s["stage"], s["iterations"]) for s in read_training_record(out)] == [(1, 6), (2, None)]
     p0_en = [sum(r["expert0_prob"]["en"]) / len(r["expert0_prob"]["en"]) for r in records]
     assert p0_en[-1] > p0_en[0] + 0.05, p0_en
     # L_lpr = -mean log p0 over original-language tokens: the recorded per-layer value matches the probabilities'

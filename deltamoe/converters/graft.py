@@ -39,6 +39,7 @@ from deltamoe.common.outputs import atomic_output_dir
 from deltamoe.common.hf_folder import check_same_tokenizer, copy_tokenizer_files, read_config
 from deltamoe.converters.hf_moe_layout import TensorRole, format_for_dense, format_of_config, parse_moe_name
 from deltamoe.converters.hf_upcycle import ffn_slice
+from deltamoe.converters.model_card import write_graft_card
 from deltamoe.converters.merge import check_finite, check_same_architecture, extra_vocab_rows, peak_rss_gib
 from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter
 from deltamoe.megatron_ext.moe.plan import PLAN_FILE, UpcyclePlan
@@ -211,8 +212,6 @@ def graft(*, base: Path, post: Path, moe: Path, out: Path, scale: float = 1.0, e
             config["vocab_size"] = max(r[1] for r in inputs.vocab_rows.values())
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / PLAN_FILE).write_text((moe / PLAN_FILE).read_text())
-        if (moe / "README.md").exists():  # the export's model card (how the model routes) describes O as well
-            shutil.copy2(moe / "README.md", tmp / "README.md")
         copied = copy_tokenizer_files(post, tmp)
         if "generation_config.json" not in copied and (moe / "generation_config.json").exists():
             shutil.copy2(moe / "generation_config.json", tmp / "generation_config.json")
@@ -229,6 +228,7 @@ def graft(*, base: Path, post: Path, moe: Path, out: Path, scale: float = 1.0, e
             "elapsed_s": round(elapsed, 3), "peak_rss_gib": round(peak_rss_gib(), 3), "versions": versions(),
         }
         (tmp / "deltamoe_graft.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_graft_card(tmp, manifest, name=out.name, base=base, post=post, moe=moe)
     return manifest
 
 

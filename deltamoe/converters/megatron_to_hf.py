@@ -31,6 +31,7 @@ from deltamoe.common.hf_folder import TOKENIZER_FILES
 from deltamoe.architectures import read_architecture_config
 from deltamoe.architectures.moe import MOE_FORMATS, choose_format, moe_hf_config
 from deltamoe.converters.mapping import expand_rules
+from deltamoe.converters.model_card import write_export_card
 from deltamoe.converters.safetensors_io import ShardWriter
 from deltamoe.converters.transforms import to_hf
 
@@ -177,8 +178,8 @@ def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtyp
             if fmt_name == "qwen2_moe" and _ungated_shared(meta.moe) and plan.shared_expert is not None:
                 plan.shared_expert.fc2_scale *= UNGATED_SHARED_FC2_SCALE
             plan.save(tmp)
-        if meta.moe:
-            (tmp / "README.md").write_text(model_card(meta, fmt_name, hf_config))
+        write_export_card(tmp, name=Path(out).name, megatron_dir=megatron_dir, meta=meta, hf_format=fmt_name or arch.name,
+                          routing=routing_section(meta, hf_config) if meta.moe else None)
     print(f"exported {megatron_dir} -> {out} ({fmt_name or arch.name}) in {time.time() - started:.1f}s")
     masked = sorted(s for s, run in (meta.source.get("training") or {}).items() if run.get("expert_allocation") == "by-language")
     if meta.moe and masked:
@@ -187,30 +188,23 @@ def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtyp
     return Path(out)
 
 
-def model_card(meta, fmt_name: str, hf_config: dict) -> str:
-    """README.md of an exported MoE: what it is and how it routes (the router alone, whatever training used)."""
-    moe = meta.moe
+def routing_section(meta, hf_config: dict) -> list[str]:
+    """The model card's routing lines for an exported MoE: the router alone decides, whatever training used."""
     training = meta.source.get("training") or {}
     allocated = sorted(stage for stage, run in training.items() if run.get("expert_allocation") == "by-language")
     lines = [
-        "---", "library_name: transformers", "tags: [deltamoe, moe]", "---", "",
-        f"# DeltaMoE {MOE_FORMATS[fmt_name].hf_architecture}", "",
-        f"An upcycled mixture of experts exported by `deltamoe export` from a Megatron checkpoint "
-        f"({moe['num_experts']} experts, top-{moe['topk']}"
-        f"{', shared expert' if moe.get('shared_expert_intermediate_size') else ''}). Its config and tensors are the "
-        "trained Megatron model's: `deltamoe export` writes only formats that compute the same function (checked "
-        "against Megatron's float32 logits in DeltaMoE's tests) and refuses the others.", "",
-        "## Routing", "",
         "Inference routes every token by the router alone: softmax over all experts, top-k, "
         + ("then the top-k weights renormalised to sum to 1." if hf_config.get("norm_topk_prob", True)
            else "without renormalising the top-k weights (trained with --moe-router-pre-softmax)."),
-        "No language tag is read at inference.",
+        "No language tag is read at inference. The config and tensors compute the trained Megatron model's function: "
+        "`deltamoe export` writes only formats that do (checked against Megatron's float32 logits in DeltaMoE's "
+        "tests) and refuses the others.",
     ]
     if allocated:
         lines.append(f"Training ({', '.join(allocated)}) masked each token's router to its language's experts "
                      "(`--expert-allocation by-language`); that mask was a training-time device and is not part of this "
                      "model: untagged text is routed by what the routers learned.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(args: argparse.Namespace) -> int:

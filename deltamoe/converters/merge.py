@@ -35,6 +35,7 @@ from deltamoe.common.hashing import sha256_dir, versions
 from deltamoe.common.outputs import atomic_output_dir
 from deltamoe.common.hf_folder import check_same_tokenizer, copy_tokenizer_files, read_config
 from deltamoe.converters.hf_moe_layout import VOCAB_TENSORS
+from deltamoe.converters.model_card import write_merge_card
 from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,7 @@ def merge_models(*, method: str, base: Path, models: list[Path], out: Path, weig
             "peak_rss_gib": round(peak_rss_gib(), 3),
         }
         (tmp / "deltamoe_merge.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_merge_card(tmp, manifest, name=out.name)
     return manifest
 
 

@@ -26,6 +26,44 @@ SFT_STEPS = 6
 EVAL_LIMIT = 6
 """Examples per task at the default size (CPU: ~45 s per dense model, ~100 s for the MoE); --scale raises it."""
 
+# Stage times on the reference 2-core CPU machine (README "Measured", default size), as (fixed seconds, seconds per
+# unit) so that --scale and --quick get estimates too. Units: a training iteration of 4 x 256 tokens (scaled by the
+# recipe's tokens per iteration), an SFT step, an evaluation example per task; the fixed part is start-up, loading
+# and saving. Estimates, not promises: a busy machine is slower.
+STAGE_TIMES = {
+    "assets": (90.0, 0.0), "post-train": (5.0, 8.0), "prepare-data": (10.0, 0.0), "import": (10.0, 0.0),
+    "upcycle": (17.0, 0.0), "stage1": (40.0, 18.0), "stage2": (30.0, 13.0), "dense-cpt": (30.0, 10.0),
+    "export": (13.0, 0.0), "graft": (10.0, 0.0), "dense-cpt-export": (8.0, 0.0), "param-delta": (7.0, 0.0),
+    "eval-dense": (16.0, 7.0), "eval-moe": (23.0, 16.0), "report": (3.0, 0.0),
+}
+REFERENCE_TOKENS_PER_ITERATION = 4 * 256
+
+
+def _estimates(arms: list[MoEArm], dense_cpt, *, sft_steps: int, eval_limit: int) -> dict[str, float]:
+    """Expected seconds per stage name (pipeline.PipelineRecipe.estimates) for this size of the demo."""
+    def fixed(kind: str) -> float:
+        return STAGE_TIMES[kind][0]
+
+    def training(kind: str, recipe) -> float:
+        t = recipe.train
+        units = t.iterations * t.global_batch_size * t.seq_length / REFERENCE_TOKENS_PER_ITERATION
+        return STAGE_TIMES[kind][0] + STAGE_TIMES[kind][1] * units
+
+    def evaluation(kind: str) -> float:
+        return STAGE_TIMES[kind][0] + STAGE_TIMES[kind][1] * eval_limit
+
+    out = {kind: fixed(kind) for kind in ("assets", "prepare-data", "import", "upcycle", "dense-cpt-export",
+                                          "param-delta", "report")}
+    out["post-train"] = STAGE_TIMES["post-train"][0] + STAGE_TIMES["post-train"][1] * sft_steps
+    for arm in arms:
+        out[arm.stage("stage1")] = training("stage1", arm.stage1)
+        out[arm.stage("stage2")] = training("stage2", arm.stage2)
+        out[arm.stage("export")], out[arm.stage("graft")] = fixed("export"), fixed("graft")
+        out[f"eval:{arm.label}"] = evaluation("eval-moe")
+    out["dense-cpt"] = training("dense-cpt", dense_cpt)
+    out["eval"] = evaluation("eval-dense")  # base, post, dense-cpt+paramdelta
+    return out
+
 
 def _quick(recipe, *, save_interval: int = QUICK_ITERS):
     return dataclasses.replace(recipe, train=dataclasses.replace(
@@ -57,11 +95,13 @@ def demo(*, scale: float = 1.0, quick: bool = False, cache: Path | None = None, 
         dense_cpt = _quick(dense_cpt)
     prepare = [PreparedData(jsonl=f"{stem}.train.jsonl", lang=lang, prefix=f"indexed/{stem}.train")
                for stem, lang in (("es-rv1909", "es"), ("ru-fortunes", "ru"), ("en-kjv", "en"))]
+    sft_steps = 2 if quick else max(1, round(SFT_STEPS * scale))
+    eval_limit = QUICK_EVAL_LIMIT if quick else max(1, round(EVAL_LIMIT * min(scale, 6)))
     return PipelineRecipe(
         name=("demo-quick" if quick else "demo") + ("" if expert_allocation == "learned" else f"-{expert_allocation}"),
         base_model=str(cache / "models" / MODEL_NAME),
         sft_data="faq-sft.en.train.jsonl",
-        sft_steps=2 if quick else max(1, round(SFT_STEPS * scale)),
+        sft_steps=sft_steps,
         data_root=str(data_root),
         prepare=prepare,
         arms=arms,
@@ -69,7 +109,8 @@ def demo(*, scale: float = 1.0, quick: bool = False, cache: Path | None = None, 
         fetch_assets=True,
         # fetch-demo-assets copies recipes/demo_suite.yaml next to the data files it names.
         suite=str(data_root / "demo_suite.yaml"),
-        eval_args=["--limit", str(QUICK_EVAL_LIMIT if quick else max(1, round(EVAL_LIMIT * min(scale, 6))))],
+        eval_args=["--limit", str(eval_limit)],
+        estimates=_estimates(arms, dense_cpt, sft_steps=sft_steps, eval_limit=eval_limit),
     )
 
 

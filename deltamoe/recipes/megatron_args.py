@@ -1,7 +1,7 @@
 """Expand a recipe into trainer flags: Megatron-LM's own plus DeltaMoE's.
 
 The Megatron flags are exactly what megatron-core 0.19.2's `megatron.training.arguments` parses (a test parses them
-with its parser). DeltaMoE's flags, added by the trainer entry `deltamoe.megatron_ext.training.train`:
+with its parser). DeltaMoE's flags, added by the trainer entry (`deltamoe train`, module `deltamoe.megatron_ext.training.train`):
     --deltamoe-stage {1,2}             which parameters train (1: new experts + routers, 2: routers only)
     --lpr-loss-coeff G                 γ of the language-prior routing loss (stage 2), mean over MoE layers
     --router-loss-layer-reduction R    mean (the paper's γ) or sum over MoE layers

@@ -8,10 +8,13 @@
         --post-model /models/Qwen2.5-7B-Instruct --data-root /data/deltamoe --suite suite.yaml \\
         --launcher slurm --partition gpu --dry-run       # a production recipe pair as Slurm jobs (drop --dry-run to submit)
 
-Each stage is the command a user would run alone (`deltamoe import ...`, `torchrun ... -m
-deltamoe.megatron_ext.training.train ...`), run as a subprocess and printed first. A stage whose output is complete
-is skipped; a training stage whose checkpoint folder holds an earlier iteration resumes from it (Megatron's --load).
-`<workdir>/manifest.json` records inputs with hashes, versions, each stage's command, timing and metrics.
+Each stage is the command a user would run alone (`deltamoe import ...`, `torchrun ... -m deltamoe train ...`), run
+as a subprocess and printed first, with its place ("stage k/N"), the recipe's time estimate and the time since the
+pipeline started; when it ends, its time and what is left. A stage whose output is complete is skipped; a training
+stage whose checkpoint folder holds an earlier iteration resumes from it (Megatron's --load).
+`<workdir>/manifest.json` records inputs with hashes, versions, each stage's command, timing and metrics. After the
+evaluations, the model card (README.md) of every model the pipeline made gets its evaluation table.
+`deltamoe --verbose pipeline ...` shows every warning, in every stage (DELTAMOE_VERBOSE is inherited).
 
 A recipe trains one or more MoE *arms* from the same upcycled checkpoint (e.g. learned routing and experts allocated
 by language, docs/allocation.md); each arm has its own stage 1, stage 2, export, graft and evaluation, and the report
@@ -88,6 +91,12 @@ class PipelineRecipe:
     eval_args: list[str] = field(default_factory=list)
     fetch_assets: bool = False
     """Run `deltamoe fetch-demo-assets` first (the embedded default)."""
+    estimates: dict[str, float] = field(default_factory=dict)
+    """Expected seconds per stage, by stage name or by kind (the name before ':', e.g. "eval"), as measured on the
+    machine the recipe was timed on; printed next to each stage. A stage without one is shown without estimate."""
+
+    def estimate(self, stage: str) -> float | None:
+        return self.estimates.get(stage, self.estimates.get(stage.split(":")[0]))
 
     def __post_init__(self):
         if self.post_model is None and self.sft_data is None:
@@ -151,7 +160,7 @@ def _train_command(recipe, nproc: int) -> list[str]:
     from deltamoe.recipes.config import to_megatron_args
 
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "deltamoe.megatron_ext.training.train", *to_megatron_args(recipe)]
+            "-m", "deltamoe", "train", *to_megatron_args(recipe)]
 
 
 def _read_jsonl_metrics(path: Path) -> dict:
@@ -273,6 +282,15 @@ def _select(stages: list[Stage], start: str | None, until: str | None) -> list[S
     return stages[lo: hi + 1]
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
 def run_pipeline(p: PipelineRecipe, workdir: Path, *, start: str | None = None, until: str | None = None,
                  dry_run: bool = False) -> dict:
     stages = _select(build_stages(p, workdir), start, until)  # a bad --from/--until leaves nothing behind
@@ -282,8 +300,14 @@ def run_pipeline(p: PipelineRecipe, workdir: Path, *, start: str | None = None, 
     manifest.update(recipe=p.name, versions=versions(), config=_jsonable(p),
                     inputs={"base_model": {"path": p.base_model, "sha256": sha256_dir(p.base_model)}})
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for stage in stages:
-        print(f"\n=== {stage.name}: {shlex.join(stage.command)}", flush=True)
+    selected = stages
+    pipeline_started = time.time()
+    for k, stage in enumerate(selected, 1):
+        estimate = p.estimate(stage.name)
+        place = f"stage {k}/{len(selected)}"
+        print(f"\n=== {stage.name}: {place}" + (f", estimate {_duration(estimate)}" if estimate else "")
+              + f", pipeline at {_duration(time.time() - pipeline_started)}", flush=True)
+        print(f"    $ {shlex.join(stage.command)}", flush=True)
         if stage.done():
             print(f"=== {stage.name}: complete, skipped ({stage.output})", flush=True)
             manifest["stages"].setdefault(stage.name, {})["status"] = "complete"
@@ -301,13 +325,32 @@ def run_pipeline(p: PipelineRecipe, workdir: Path, *, start: str | None = None, 
                                 f"pipeline to resume, or run the command above alone to debug")
         record.update(status="complete", metrics=stage.metrics())
         _write_json(manifest_path, manifest)
-        print(f"=== {stage.name}: done in {elapsed}s", flush=True)
+        left = [p.estimate(s.name) for s in selected[k:] if not s.done()]
+        known = [e for e in left if e]
+        rest = f", about {_duration(sum(known))}{'+' if len(known) < len(left) else ''} left" if left else ", last stage"
+        print(f"=== {stage.name}: done in {elapsed}s" + (f" (estimate {_duration(estimate)})" if estimate else "")
+              + f"; {place}, pipeline at {_duration(time.time() - pipeline_started)}{rest}", flush=True)
         fault_point("pipeline:stage-done")
     _write_json(manifest_path, manifest)
+    if not dry_run:
+        _add_evaluations_to_cards(p, workdir)
     report = workdir / "report" / "report.md"
     if report.exists() and not dry_run:
         print("\n" + report.read_text())
     return manifest
+
+
+def _add_evaluations_to_cards(p: PipelineRecipe, workdir: Path) -> None:
+    """Put each model's evaluation table into the model card (README.md) of the models this pipeline made."""
+    from deltamoe.converters.model_card import add_evaluation
+
+    models = {arm.label: workdir / arm.label for arm in p.arms}
+    if p.dense_baseline is not None:
+        models["dense-cpt+paramdelta"] = workdir / "dense-cpt-paramdelta"
+    for label, folder in models.items():
+        results = workdir / "eval" / label / "results.json"
+        if results.exists() and (folder / "README.md").exists():
+            add_evaluation(folder, results, report=workdir / "report" / "report.md")
 
 
 def _jsonable(obj):

@@ -57,6 +57,9 @@ def add_deltamoe_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="JSONL file for per-language metrics (default: <--save>/deltamoe_routing.jsonl)")
     group.add_argument("--deltamoe-layer-spec", choices=["auto", "te", "fast", "local"], default="auto",
                        help="layer spec (auto: Transformer Engine when usable, else DeltaMoE's fast torch spec)")
+    group.add_argument("--verbose", action="store_true",
+                       help="show every warning of megatron-core, torch and transformers (also DELTAMOE_VERBOSE=1); "
+                            "known harmless ones are filtered by default (deltamoe/common/quiet.py)")
     return parser
 
 

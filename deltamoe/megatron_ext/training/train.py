@@ -10,32 +10,38 @@ the routing a run trains with is recorded in <--save>/deltamoe.json, which `delt
 With `--expert-allocation by-language`, experts that no language of the data may use are frozen for the run and the
 routers carry no weight decay, so those experts and their router rows stay bit-identical (moe/freezing.py).
 
+`deltamoe train --help` lists DeltaMoE's flags, then every Megatron-LM flag. `deltamoe train` and
+`python -m deltamoe.megatron_ext.training.train` are the same entry; torchrun launches either (`-m deltamoe train`).
+
 Stage 1, one process (CPU works: gloo and the CPU flags below are added when CUDA is absent):
-    python -m deltamoe.megatron_ext.training.train --deltamoe-stage 1 \
+    deltamoe train --deltamoe-stage 1 \
         --pretrained-checkpoint /ckpt/moe --load /ckpt/stage1 --save /ckpt/stage1 --ckpt-format torch_dist \
         --data-path 1.0 /data/es_text --original-languages en \
         --seq-length 1024 --micro-batch-size 4 --global-batch-size 64 --train-iters 2000 \
         --lr 1e-4 --min-lr 1e-5 --lr-decay-style cosine --lr-warmup-iters 100 --bf16 --save-interval 500
 
 One node, 8 GPUs, expert parallel 4 (torchrun):
-    torchrun --nproc-per-node 8 -m deltamoe.megatron_ext.training.train --deltamoe-stage 1 \
+    torchrun --nproc-per-node 8 -m deltamoe train --deltamoe-stage 1 \
         --expert-model-parallel-size 4 --use-distributed-optimizer <the flags above>
 
 Stage 2 (routers only, language-prior loss, original-language replay in the blend):
-    torchrun --nproc-per-node 8 -m deltamoe.megatron_ext.training.train --deltamoe-stage 2 \
+    torchrun --nproc-per-node 8 -m deltamoe train --deltamoe-stage 2 \
         --pretrained-checkpoint /ckpt/stage1 --load /ckpt/stage2 --save /ckpt/stage2 \
         --data-path 0.5 /data/en_replay 0.5 /data/es_text --original-languages en --lpr-loss-coeff 0.1 ...
 
 A cluster (Slurm; one task per node, torchrun starts the local ranks):
     srun --nodes 4 --ntasks-per-node 1 torchrun --nnodes 4 --nproc-per-node 8 \
-        --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:29500 -m deltamoe.megatron_ext.training.train <flags>
+        --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:29500 -m deltamoe train <flags>
 
 Restarting the same command resumes from the newest checkpoint in --save (--load = --save); the first run, with
 nothing there yet, starts from --pretrained-checkpoint with a fresh optimizer (Megatron's finetune semantics).
 With several processes the process group is made first and every rank's start-up checks (checkpoint, flags, data)
 are agreed on: a rank that fails them stops every rank with an error before Megatron starts (docs/reliability.md).
 Per-language LM loss and the router probability of expert 0 per layer go to --routing-log-file (JSONL, default
-<--save>/deltamoe_routing.jsonl) and to TensorBoard with --tensorboard-dir.
+<--save>/deltamoe_routing.jsonl) and to TensorBoard with --tensorboard-dir; rank 0 prints them as one line per
+--routing-log-interval with tokens/s and the ETA, next to Megatron's own iteration line (learning rate, grad norm,
+loss scale, skipped iterations), which stays as Megatron users know it. What the run trained on (data, languages,
+batch shape, iterations) goes to <--save>/deltamoe_training.json for model cards (`record.py`).
 
 Optimizer and checkpoints (why the entry adds --use-distributed-optimizer by default):
 - Frozen parameters have no optimizer state. Megatron's non-distributed optimizer writes its state under the model's
@@ -63,7 +69,9 @@ Optimizer and checkpoints (why the entry adds --use-distributed-optimizer by def
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -73,7 +81,7 @@ from pathlib import Path
 
 import torch
 
-from deltamoe.common import faults
+from deltamoe.common import faults, quiet
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.faults import fault_point
 from deltamoe.megatron_ext.internals import build_datasets_on_every_rank
@@ -118,6 +126,8 @@ def default_flags(argv: list[str], meta, arch, stage: int) -> list[str]:
     flags = checkpoint_model_flags(meta, arch, stage=stage, user_argv=argv)
     flags += ["--split", "100,0,0", "--ckpt-format", "torch_dist", "--eval-iters", "0", "--eval-interval", "1000",
               "--use-distributed-optimizer"]
+    if importlib.util.find_spec("one_logger") is None:  # NVIDIA-internal metrics package: say so once, not per run
+        flags += ["--no-one-logger"]
     if not torch.cuda.is_available():
         flags += CPU_FLAGS
     else:
@@ -169,8 +179,18 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
 
     cfg.finalize_model_grads_func = finalize_and_report
     frozen = _State.plan.frozen_experts if _State.plan else "none (dense)"
-    print_rank_0(f"DeltaMoE stage {args.deltamoe_stage}: frozen experts {frozen}, layer spec {args.deltamoe_layer_spec}")
+    print_rank_0(f"DeltaMoE stage {args.deltamoe_stage}: frozen experts {frozen}; {_runtime_summary(args.deltamoe_layer_spec)}")
     return model
+
+
+def _runtime_summary(requested_spec: str) -> str:
+    """The layer spec and optimizer implementation in one line (megatron-core's fallback warnings are filtered)."""
+    from deltamoe.megatron_ext.runtime.environment import fused_adam_source, spec_choice
+
+    name, why = spec_choice(requested_spec)
+    fused = fused_adam_source()
+    optimizer = f"fused Adam from {fused}" if fused else "torch AdamW (neither Transformer Engine nor apex is installed)"
+    return f"layer spec {name} ({why}); optimizer {optimizer}"
 
 
 def get_batch(data_iterator) -> dict[str, torch.Tensor]:
@@ -197,6 +217,10 @@ def loss_func(batch: dict, training: bool, output_tensor: torch.Tensor):
 
 
 def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    if _State.metrics.started is None:  # the first micro-batch starts the clock of tokens/s and the ETA
+        from megatron.training import get_args
+
+        _State.metrics.start_clock(get_args().curr_iteration)
     batch = get_batch(data_iterator)
     _State.probe.set_batch(batch["lang_id"], batch["original_language_mask"])
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
@@ -231,11 +255,13 @@ def _prepare_save_folder(args, source: Path) -> None:
     from deltamoe.megatron_ext.moe.plan import PLAN_FILE
     from deltamoe.megatron_ext.runtime.checkpoint import METADATA_FILE
     from deltamoe.megatron_ext.training.flags import recorded_moe, training_record
+    from deltamoe.megatron_ext.training.record import stage_entry, write_training_record
 
     save = args.save
     if not save or int(os.environ.get("RANK", "0")) != 0:
         return
     Path(save).mkdir(parents=True, exist_ok=True)
+    write_training_record(save, source, stage_entry(args, _State.blend, source))
 
     def replace(name: str, write) -> None:
         tmp = Path(save) / f".{name}.tmp-{os.getpid()}"
@@ -293,7 +319,44 @@ def _setup(args) -> None:
     log_file = args.routing_log_file or (str(Path(args.save) / "deltamoe_routing.jsonl") if args.save else None)
     _State.metrics = LanguageMetrics(languages=languages, num_layers=args.num_layers, probe=_State.probe,
                                      log_file=log_file, interval=args.routing_log_interval or args.log_interval,
-                                     stage=args.deltamoe_stage)
+                                     stage=args.deltamoe_stage, train_iters=args.train_iters,
+                                     tokens_per_iteration=args.global_batch_size * args.seq_length)
+
+
+def print_help(prog: str = "deltamoe train") -> None:
+    """DeltaMoE's flags first, then Megatron-LM's: the parser the trainer really uses, with its description."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    from deltamoe.megatron_ext.training.flags import add_deltamoe_arguments
+
+    usage = (f"{prog} --deltamoe-stage {{0,1,2}} --pretrained-checkpoint DIR --load DIR --save DIR "
+             "--data-path [WEIGHT PREFIX ...] [DeltaMoE flags] [any Megatron-LM flag]")
+    parser = argparse.ArgumentParser(prog=prog, usage=usage, description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Every flag after the DeltaMoE group is Megatron-LM's own (megatron-core "
+                                            "0.19.2); the architecture flags come from the checkpoint.")
+    add_megatron_arguments(add_deltamoe_arguments(parser))
+    for action in parser._actions:
+        # megatron-core 0.19.2 turns TransformerConfig docstrings into help texts, some with a bare "%"
+        # (transformer_config.py:1278, "1.10 = 10%)"), which argparse's help formatting (help % params) rejects:
+        # Megatron-LM's own --help fails on it. Escape what does not format.
+        if action.help:
+            try:
+                action.help % {**vars(action), "prog": prog}
+            except (ValueError, TypeError, KeyError):
+                action.help = action.help.replace("%", "%%")
+    parser.print_help()
+
+
+def main_argv(argv: list[str]) -> int:
+    """`deltamoe train ARGV`: argv goes to Megatron-LM's parser as it is (plus --help and --verbose handling)."""
+    if "--verbose" in argv:
+        quiet.set_verbose()
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return 0
+    main(argv)
+    return 0
 
 
 def check_user_flags(argv: list[str], meta, arch, plan, stage: int):
@@ -425,7 +488,7 @@ def _cli() -> None:
     from deltamoe.cli import environment_error
 
     try:
-        main()
+        sys.exit(main_argv(sys.argv[1:]))
     except DeltaMoEError as e:
         print(f"deltamoe train: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,8 +1,8 @@
-"""Print a recipe's trainer flags, shell-quoted on one line, for `torchrun ... -m deltamoe.megatron_ext.training.train $(...)`.
+"""Print a recipe's trainer flags, shell-quoted on one line, for `torchrun ... -m deltamoe train $(...)`.
 
 Example:
     python -m deltamoe.recipes.launch.args llama3_1_8b_stage1_cpt_8gpu_h100_bf16 --data-root /data --workdir /ckpt
-    torchrun --nproc-per-node 8 -m deltamoe.megatron_ext.training.train \\
+    torchrun --nproc-per-node 8 -m deltamoe train \\
         $(python -m deltamoe.recipes.launch.args qwen3_8b_stage2_review_8gpu_h100_bf16)
 """
 

@@ -30,7 +30,8 @@ from deltamoe.recipes.launch.args import add_recipe_arguments, recipe_from_args
 from deltamoe.recipes.layout import GB
 from deltamoe.recipes.megatron_args import DELTAMOE_FLAGS
 
-TRAIN_MODULE = "deltamoe.megatron_ext.training.train"
+TRAIN_ENTRY = ["-m", "deltamoe", "train"]
+"""How torchrun starts the trainer (`-m deltamoe.megatron_ext.training.train` is the same entry)."""
 
 
 def launch_environment(recipe: Recipe) -> dict[str, str]:
@@ -53,7 +54,7 @@ def torchrun_command(recipe: Recipe, *, multi_node: bool = False) -> list[str]:
                       "--rdzv-endpoint", "$MASTER_ADDR:$MASTER_PORT"]
     else:
         rendezvous = ["--standalone", "--nnodes", "1"]
-    return ["torchrun", *rendezvous, "--nproc-per-node", str(p.gpus_per_node), "-m", TRAIN_MODULE, *to_megatron_args(recipe)]
+    return ["torchrun", *rendezvous, "--nproc-per-node", str(p.gpus_per_node), *TRAIN_ENTRY, *to_megatron_args(recipe)]
 
 
 def megatron_flags(recipe: Recipe) -> list[str]:
