@@ -397,6 +397,21 @@ def test_trainer_refuses_flags_that_change_the_function():
         check_architecture_settings(arch, cfg)
 
 
+def test_trainer_takes_an_epsilon_written_as_float32_and_refuses_another():
+    """The demo's HF config stores rms_norm_eps as float32 (9.999999747378752e-06) while its recipe passes
+    --norm-epsilon 1e-5: the same float32 scalar in RMSNorm, so the same function; 1e-6 is another function."""
+    from deltamoe.megatron_ext.training.flags import architecture_flags
+
+    _, arch = read_architecture_config(tiny_config("llama", rms_norm_eps=9.999999747378752e-06).to_dict())
+    _, trainer = _trainer_config(architecture_flags(arch) + ["--norm-epsilon", "1e-5"])
+    assert trainer.layernorm_epsilon == 1e-5 != arch.norm_epsilon
+    check_architecture_settings(arch, trainer)
+    _, trainer = _trainer_config(architecture_flags(arch) + ["--norm-epsilon", "1e-6"])
+    with pytest.raises(DeltaMoEError, match=r"TransformerConfig.layernorm_epsilon is 1e-06, the checkpoint's "
+                                            r"architecture needs 9.99999974737875\de-06"):
+        check_architecture_settings(arch, trainer)
+
+
 # ---- published configs of the production recipes' models import as the recipes describe them ----
 
 PUBLISHED = {

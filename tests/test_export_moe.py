@@ -175,16 +175,19 @@ def test_routing_without_renormalisation_exports_as_norm_topk_prob_false(tmp_pat
 
 
 def test_model_card_says_a_by_language_mask_was_training_only():
-    from deltamoe.converters.megatron_to_hf import model_card
+    from deltamoe.converters.megatron_to_hf import routing_section
 
     meta = CheckpointMetadata(hf_config={}, padded_vocab_size=128, moe={"num_experts": 6, "topk": 2},
                               source={"training": {"stage1": {"expert_allocation": "by-language"},
                                                    "stage2": {"expert_allocation": "learned"}}})
-    card = model_card(meta, "mixtral", {})
+    card = "\n".join(routing_section(meta, {}))
     assert "routes every token by the router alone" in card and "renormalised to sum to 1" in card
     assert "Training (stage1) masked each token's router to its language's experts" in card
     assert "not part of this model" in card
-    assert "without renormalising" in model_card(meta, "qwen3_moe", {"norm_topk_prob": False})
+    assert "without renormalising" in "\n".join(routing_section(meta, {"norm_topk_prob": False}))
+    learned = CheckpointMetadata(hf_config={}, padded_vocab_size=128, moe={"num_experts": 6, "topk": 2},
+                                 source={"training": {"stage1": {"expert_allocation": "learned"}}})
+    assert "masked" not in "\n".join(routing_section(learned, {}))
 
 
 RESAVE_EP2 = """

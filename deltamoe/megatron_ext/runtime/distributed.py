@@ -154,6 +154,12 @@ def init_distributed(layout: ParallelLayout | None = None, *, seed: int = 1234,
             f"({layout.pipeline_model_parallel_size}) x context ({layout.context_parallel_size}) parallel sizes"
         )
     if parallel_state.model_parallel_is_initialized():
+        if _current_layout() == _requested_layout(layout, world):
+            # The groups megatron would make again are the ones it has: a process running several commands (a
+            # notebook, the test suite) reuses them instead of leaving a set of gloo groups and their threads behind
+            # on each call (destroy_model_parallel only forgets its groups; torch keeps them until destroyed).
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+            return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
@@ -163,6 +169,20 @@ def init_distributed(layout: ParallelLayout | None = None, *, seed: int = 1234,
         expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _requested_layout(layout: ParallelLayout, world: int) -> tuple[int, ...]:
+    tp, pp, cp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, layout.context_parallel_size
+    etp = layout.expert_tensor_parallel_size or tp  # megatron's default (initialize_model_parallel)
+    return tp, pp, cp, layout.expert_model_parallel_size, etp, world
+
+
+def _current_layout() -> tuple[int, ...]:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_context_parallel_world_size(), ps.get_expert_model_parallel_world_size(),
+            ps.get_expert_tensor_parallel_world_size(), torch.distributed.get_world_size())
 
 
 def destroy_distributed() -> None:

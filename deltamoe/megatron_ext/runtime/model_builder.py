@@ -137,13 +137,22 @@ def architecture_settings(config: ArchitectureConfig) -> dict:
     return settings
 
 
+def _same_setting(actual, expected) -> bool:
+    """Equal, with floats compared as the float32 scalars the kernels use: an epsilon of 1e-05 and the float32 value
+    9.999999747378752e-06 (a config written from a float32 field, e.g. one converted from GGUF) are the same number
+    once RMSNorm adds it to its float32 (or bf16, computed in float32) variance."""
+    if isinstance(expected, float) and isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        return torch.tensor(actual, dtype=torch.float32).item() == torch.tensor(expected, dtype=torch.float32).item()
+    return actual == expected
+
+
 def check_architecture_settings(config: ArchitectureConfig, transformer_cfg, source: str = "model") -> None:
     """Refuse a TransformerConfig (e.g. the trainer's, from flags the user overrode) that computes another function."""
     for name, expected in architecture_settings(config).items():
         actual = getattr(transformer_cfg, name, None)
         if isinstance(expected, tuple) and actual is not None:
             actual = tuple(actual)
-        if actual != expected:
+        if not _same_setting(actual, expected):
             raise DeltaMoEError(f"{source}: TransformerConfig.{name} is {actual!r}, the checkpoint's architecture needs "
                                 f"{expected!r}; leave architecture flags to the checkpoint")
     if config.sliding_window is not None and transformer_cfg.masked_softmax_fusion:

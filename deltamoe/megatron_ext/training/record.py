@@ -69,10 +69,14 @@ def stage_entry(args, blend, source: Path) -> dict:
 def write_training_record(save: str | os.PathLike, source: str | os.PathLike, entry: dict) -> Path:
     """Write --save's record: the source's stages (each with its completed iterations), then this run's entry.
 
-    A resumed run (source == save) replaces its own, last entry."""
+    A resumed run (source == save) replaces its own, last entry, and keeps that entry's source: the checkpoint the
+    stage started from, not the folder it resumed from."""
     save, source = Path(save), Path(source)
     if save.resolve() == source.resolve():
-        history = read_training_record(save)[:-1]
+        own = read_training_record(save)
+        history = own[:-1]
+        if own and own[-1].get("stage") == entry.get("stage") and own[-1].get("source"):
+            entry = {**entry, "source": own[-1]["source"]}
     else:
         history = read_training_record(source)
         if history:
