@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 from tests.megatron_helpers import REPO
 
 SCRIPT = """
-import os
+import json, os
 from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
 from megatron.core import parallel_state
 counts = []
@@ -17,7 +18,7 @@ for _ in range(3):
     init_distributed(ParallelLayout())
     counts.append(len(os.listdir('/proc/self/task')))
 assert parallel_state.get_tensor_model_parallel_world_size() == 1 and parallel_state.model_parallel_is_initialized()
-print(counts)
+print(json.dumps(counts))
 """
 
 
@@ -28,5 +29,5 @@ def test_init_distributed_again_reuses_its_groups_and_their_threads():
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    counts = eval(out.stdout.strip().splitlines()[-1])
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
     assert counts[0] == counts[1] == counts[2], counts

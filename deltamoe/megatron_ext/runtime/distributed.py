@@ -173,7 +173,7 @@ def init_distributed(layout: ParallelLayout | None = None, *, seed: int = 1234,
 
 def _requested_layout(layout: ParallelLayout, world: int) -> tuple[int, ...]:
     tp, pp, cp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, layout.context_parallel_size
-    etp = layout.expert_tensor_parallel_size or tp  # megatron's default (initialize_model_parallel)
+    etp = layout.expert_tensor_parallel_size or tp  # megatron-core 0.19.2 parallel_state.py:871-872
     return tp, pp, cp, layout.expert_model_parallel_size, etp, world
 
 
