@@ -257,9 +257,20 @@ def test_refuses_moe_of_another_base(tmp_path):
     base, post, _ = make_triple(tmp_path, "llama")
     other = make_tiny_hf("llama", tmp_path / "other", seed=5)
     moe = upcycle_hf(other, tmp_path / "M_other", PLAN)
-    assert_refused(tmp_path, "M was upcycled from a different base: its plan records sha256", base=base, post=post, moe=moe)
+    # Refused before the work by the frozen expert's weights, whether or not the plan records base hashes.
+    assert_refused(tmp_path, r"experts.0.w1.weight' \(frozen expert 0\) differs from .* different base",
+                   base=base, post=post, moe=moe)
     dataclasses.replace(UpcyclePlan.load(moe), base_sha256={}).save(moe)  # e.g. hashes of Megatron files only
     assert_refused(tmp_path, r"experts.0.w1.weight' \(frozen expert 0\) differs from .* different base",
+                   base=base, post=post, moe=moe)
+
+
+def test_refuses_base_whose_files_differ_from_the_plans_hashes(tmp_path):
+    """The hashes are taken while the tensors stream; a mismatch is refused after the work, before the output exists."""
+    base, post, moe = make_triple(tmp_path, "llama")
+    plan = UpcyclePlan.load(moe)
+    dataclasses.replace(plan, base_sha256={name: "0" * 64 for name in plan.base_sha256}).save(moe)
+    assert_refused(tmp_path, "M was upcycled from a different base: its plan records sha256 000000000000",
                    base=base, post=post, moe=moe)
 
 

@@ -34,14 +34,15 @@ from tqdm import tqdm
 from deltamoe.architectures import read_architecture_config
 from deltamoe.architectures.moe import MOE_FORMATS, format_problems
 from deltamoe.common.errors import DeltaMoEError
-from deltamoe.common.hashing import sha256_dir, versions
+from deltamoe.common.hashing import versions
 from deltamoe.common.outputs import atomic_output_dir
 from deltamoe.common.hf_folder import check_same_tokenizer, copy_tokenizer_files, read_config
 from deltamoe.converters.hf_moe_layout import TensorRole, format_for_dense, format_of_config, parse_moe_name
 from deltamoe.converters.hf_upcycle import ffn_slice
 from deltamoe.converters.model_card import write_graft_card
-from deltamoe.converters.merge import check_finite, check_same_architecture, extra_vocab_rows, peak_rss_gib
-from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter
+from deltamoe.converters.blockwise import Scratch, check_block, check_finite, one_torch_thread, row_blocks
+from deltamoe.converters.merge import check_same_architecture, extra_vocab_rows, peak_rss_gib
+from deltamoe.converters.safetensors_io import PlannedShardWriter, SafetensorsReader
 from deltamoe.megatron_ext.moe.plan import PLAN_FILE, UpcyclePlan
 
 log = logging.getLogger(__name__)
@@ -116,21 +117,10 @@ class _Inputs:
             return self.plan.shared_expert
         return None
 
-    def check_base(self, base_hashes: dict[str, str]) -> str:
-        """Refuse an M upcycled from another base: by file hashes in the plan, else by a frozen expert's weights."""
-        # Only weight files: a plan written by the Megatron upcycle hashes Megatron files, which may include copies of
-        # B's JSON files (config, tokenizer) rewritten on import.
-        common = sorted(n for n in set(self.plan.base_sha256) & set(base_hashes) if n.endswith(".safetensors"))
-        for name in common:
-            if self.plan.base_sha256[name] != base_hashes[name]:
-                raise DeltaMoEError(f"{self.moe}/{PLAN_FILE}: M was upcycled from a different base: its plan records "
-                                    f"sha256 {self.plan.base_sha256[name][:12]}… for {name}, {self.base}/{name} has "
-                                    f"{base_hashes[name][:12]}…")
-        if common:
-            return "sha256 of base files match the plan"
+    def check_base_weights(self) -> str | None:
+        """Refuse an M whose first frozen expert is not B's FFN (cheap: three tensors); None without a frozen expert."""
         if not self.plan.frozen_experts:
-            log.warning("cannot verify that %s was upcycled from %s (no base hashes, no frozen expert)", self.moe, self.base)
-            return "not verifiable (no matching base hashes, no frozen expert)"
+            return None
         expert = self.plan.frozen_experts[0]
         for proj in ("gate", "up", "down"):
             name = self.fmt.expert_name(0, expert, proj)
@@ -144,6 +134,20 @@ class _Inputs:
                                     "from a different base")
         return f"layer 0 frozen expert {expert} equals base FFN"
 
+    def check_base_hashes(self, base_hashes: dict[str, str]) -> str | None:
+        """Refuse an M whose plan records other hashes for B's weight files; None when the plan records none of them."""
+        # Only weight files: a plan written by the Megatron upcycle hashes Megatron files, which may include copies of
+        # B's JSON files (config, tokenizer) rewritten on import.
+        common = sorted(n for n in set(self.plan.base_sha256) & set(base_hashes) if n.endswith(".safetensors"))
+        for name in common:
+            if self.plan.base_sha256[name] != base_hashes[name]:
+                raise DeltaMoEError(f"{self.moe}/{PLAN_FILE}: M was upcycled from a different base: its plan records "
+                                    f"sha256 {self.plan.base_sha256[name][:12]}… for {name}, {self.base}/{name} has "
+                                    f"{base_hashes[name][:12]}…")
+        if common:
+            return "sha256 of base files match the plan"
+        return None
+
 
 def _selected(inputs: _Inputs, role: TensorRole, experts: str) -> bool:
     if role.kind == "shared_expert":
@@ -152,9 +156,85 @@ def _selected(inputs: _Inputs, role: TensorRole, experts: str) -> bool:
     return experts == "all" or (experts == "original") == frozen
 
 
+def _plan(inputs: _Inputs, experts: str) -> list[tuple[str | None, list[str]]]:
+    """M's tensors as (dense tensor they derive from, M tensors), in the order they are written.
+
+    The order is M's shards, and within a shard the tensors grouped by their dense tensor, so one block of I - B
+    serves every expert made from it.
+    """
+    groups: list[tuple[str | None, list[str]]] = []
+    for names in inputs.m.keys_by_shard().values():
+        for name in sorted(names, key=lambda n: (inputs.roles[n].dense_name or n, n)):
+            role = inputs.roles[name]
+            kept = role.kind in ("router", "shared_expert_gate") or (role.kind != "other" and not _selected(inputs, role, experts))
+            key = None if kept else role.dense_name
+            if key is not None and groups and groups[-1][0] == key:
+                groups[-1][1].append(name)
+            else:
+                groups.append((key, [name]))
+    return groups
+
+
+def _output_spec(inputs: _Inputs, name: str) -> tuple[str, torch.dtype, list[int]]:
+    role = inputs.roles[name]
+    shape = inputs.m.shape(name)
+    if role.kind == "other" and role.dense_name in inputs.vocab_rows:
+        shape = [inputs.vocab_rows[role.dense_name][1], *shape[1:]]
+    return name, inputs.m.dtype(name), shape
+
+
+def _graft_group(inputs: _Inputs, dense_name: str, names: list[str], scale: float, scratch: Scratch,
+                 writer: PlannedShardWriter) -> dict[str, torch.Tensor]:
+    """M + scale * (I - B) for the M tensors made from `dense_name`, in row blocks of the dense tensor.
+
+    Per element this is what graft computed on whole tensors: (i.float() - b.float()) sliced and scaled as the plan
+    made the expert (`ffn_slice`), then torch.add(m.float(), part, alpha=scale) cast to M's dtype.
+    """
+    b, i = inputs.b.get(dense_name), inputs.i.get(dense_name)
+    rows = b.shape[0]
+    m = {name: inputs.m.get(name) for name in names}
+    out = {name: writer.buffer(name) for name in names}
+    sources = {name: inputs.source_of(inputs.roles[name]) for name in names}
+    for start, stop in row_blocks(rows, b[0].numel() if b.ndim > 1 else 1):
+        delta = scratch.upcast(0, i[start:stop]).sub_(scratch.upcast(1, b[start:stop]))
+        check_block(delta, [(b[start:stop], dense_name, inputs.base), (i[start:stop], dense_name, inputs.post)])
+        for name in names:
+            role, source = inputs.roles[name], sources[name]
+            if role.kind == "other":
+                part, rows_out, fc_scale = delta, (start, stop), 1.0
+            elif role.proj in ("gate", "up"):
+                lo, hi = max(start, source.ffn_start), min(stop, source.ffn_stop)
+                if lo >= hi:
+                    continue
+                part, rows_out, fc_scale = delta[lo - start:hi - start], (lo - source.ffn_start, hi - source.ffn_start), source.fc1_scale
+            else:
+                part, rows_out, fc_scale = delta[:, source.ffn_start:source.ffn_stop], (start, stop), source.fc2_scale
+            if fc_scale != 1.0:
+                part = torch.mul(part, fc_scale, out=scratch.like(2, part.shape))
+            m_block = m[name][rows_out[0]:rows_out[1]]
+            acc = scratch.upcast(3, m_block).add_(part, alpha=scale)
+            check_block(acc, [(m_block, name, inputs.moe)])
+            out[name][rows_out[0]:rows_out[1]].copy_(acc)
+    for name in names:
+        if inputs.roles[name].kind == "other" and dense_name in inputs.vocab_rows:
+            extra = i[rows:]
+            check_finite(extra, dense_name, inputs.post)
+            out[name][rows:].copy_(extra.float())  # rows beyond B's vocabulary: I's
+    return out
+
+
+def _first_use_order(reader: SafetensorsReader, dense_names: list[str]) -> list[str]:
+    return list(dict.fromkeys(reader.shard_of(n) for n in dense_names))
+
+
 def graft(*, base: Path, post: Path, moe: Path, out: Path, scale: float = 1.0, experts: str = "all",
           overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> dict:
-    """Write `out` = M with alpha * (I - B) grafted; returns the manifest (also written as deltamoe_graft.json)."""
+    """Write `out` = M with alpha * (I - B) grafted; returns the manifest (also written as deltamoe_graft.json).
+
+    Each input byte is read once: the inputs are hashed (for the manifest and the plan's base check) by background
+    threads that read each shard just ahead of the arithmetic, which works on row blocks and hands each finished
+    tensor to a writer thread that puts it at its place in the output shard.
+    """
     start = time.perf_counter()
     base, post, moe, out = Path(base), Path(post), Path(moe), Path(out)
     if experts not in EXPERT_SELECTIONS:
@@ -163,50 +243,48 @@ def graft(*, base: Path, post: Path, moe: Path, out: Path, scale: float = 1.0, e
         raise DeltaMoEError(f"--scale: expected a finite number, got {scale}")
     with atomic_output_dir(out, inputs=[base, post, moe], overwrite=overwrite) as tmp:
         inputs = _Inputs(base, post, moe)
-        hashes = {"base": sha256_dir(base), "post": sha256_dir(post), "moe": sha256_dir(moe)}
-        base_check = inputs.check_base(hashes["base"])
+        weight_check = inputs.check_base_weights()  # cheap, before the work; file hashes are compared after it
         for name, rows in inputs.vocab_rows.items():
             log.warning("vocabulary policy: %s rows %d..%d are beyond %s's vocabulary and are copied from %s",
                         name, rows[0], rows[1], base, post)
-        writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes)
+        groups = _plan(inputs, experts)
+        dense_order = [d for d, _ in groups if d is not None]
         bytes_read = 0
-        cached: tuple[str | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None)
-
-        def delta_of(dense_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-            """(I - B over B's rows, I's rows beyond B's vocabulary), cached for the last dense tensor asked."""
-            nonlocal cached, bytes_read
-            if cached[0] != dense_name:
-                b, i = inputs.b.get(dense_name), inputs.i.get(dense_name)
-                check_finite(b, dense_name, base)
-                check_finite(i, dense_name, post)
-                bytes_read += b.nbytes + i.nbytes
-                rows = b.shape[0]
-                cached = (dense_name, i[:rows].float() - b.float(), i[rows:].float())
-            return cached[1], cached[2]
-
         counts = {"grafted": 0, "unchanged": 0}
-        # Visit M's tensors grouped by the dense tensor they derive from, so one cached delta serves all experts.
-        order = [n for names in inputs.m.keys_by_shard().values()
-                 for n in sorted(names, key=lambda n: (inputs.roles[n].dense_name or n, n))]
-        for name in tqdm(order, desc="graft", unit="tensor"):
-            role = inputs.roles[name]
-            m = inputs.m.get(name)
-            check_finite(m, name, moe)
-            bytes_read += m.nbytes
-            if role.kind in ("router", "shared_expert_gate") or (role.kind != "other" and not _selected(inputs, role, experts)):
-                writer.add(name, m)
-                counts["unchanged"] += 1
-                continue
-            delta, new_rows = delta_of(role.dense_name)
-            if role.kind == "other":
-                out_t = torch.add(m.float(), delta, alpha=scale)
-                if role.dense_name in inputs.vocab_rows:
-                    out_t = torch.cat([out_t, new_rows])
-            else:
-                out_t = torch.add(m.float(), ffn_slice(delta, role.proj, inputs.source_of(role)), alpha=scale)
-            writer.add(name, out_t.to(m.dtype))
-            counts["grafted"] += 1
-        writer.finish()
+        scratch = Scratch()
+        with inputs.m.hash_while_reading() as hash_m, \
+                inputs.b.hash_while_reading(_first_use_order(inputs.b, dense_order)) as hash_b, \
+                inputs.i.hash_while_reading(_first_use_order(inputs.i, dense_order)) as hash_i:
+            writer = PlannedShardWriter(tmp, [_output_spec(inputs, n) for _, names in groups for n in names],
+                                        max_shard_bytes=max_shard_bytes)
+            try:
+                with one_torch_thread(), \
+                        tqdm(total=sum(len(names) for _, names in groups), desc="graft", unit="tensor") as progress:
+                    for dense_name, names in groups:
+                        if dense_name is None:  # routers, gates and experts not selected: M's tensor as it is
+                            m = inputs.m.get(names[0])
+                            check_finite(m, names[0], moe)
+                            writer.add(names[0], m)
+                            bytes_read += m.nbytes
+                            counts["unchanged"] += 1
+                        else:
+                            for name, tensor in _graft_group(inputs, dense_name, names, scale, scratch, writer).items():
+                                writer.add(name, tensor)
+                                inputs.m.release(name)
+                                bytes_read += inputs.m.nbytes(name)
+                            bytes_read += inputs.b.nbytes(dense_name) + inputs.i.nbytes(dense_name)
+                            inputs.b.release(dense_name)
+                            inputs.i.release(dense_name)
+                            counts["grafted"] += len(names)
+                        progress.update(len(names))
+                writer.finish()
+            finally:
+                writer.close()
+            hashes = {"base": hash_b.result(), "post": hash_i.result(), "moe": hash_m.result()}
+        base_check = inputs.check_base_hashes(hashes["base"]) or weight_check
+        if base_check is None:
+            log.warning("cannot verify that %s was upcycled from %s (no base hashes, no frozen expert)", moe, base)
+            base_check = "not verifiable (no matching base hashes, no frozen expert)"
         config = dict(inputs.moe_config)
         if inputs.vocab_rows:
             config["vocab_size"] = max(r[1] for r in inputs.vocab_rows.values())

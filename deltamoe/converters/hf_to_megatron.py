@@ -20,6 +20,7 @@ tensor; tensors are read lazily from the safetensors shards. The output appears 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -27,7 +28,6 @@ import torch
 from tqdm import tqdm
 
 from deltamoe.common.errors import DeltaMoEError
-from deltamoe.common.hashing import sha256_dir
 from deltamoe.common.faults import fault_point
 from deltamoe.common.outputs import (
     begin_output_dir, check_output_dir, commit_output_dir, discard_output_dir, disk_full_error, is_disk_full,
@@ -190,12 +190,15 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
 
         model = build_gpt_model(config, cfg, padded_vocab=padded, spec=spec or CONVERSION_SPEC,
                                 pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
-        convert_into(model, reader, hf_config, padded_vocab=padded, source=str(hf_dir), ignored_config_fields=ignored)
+        # Rank 0 hashes the files for the checkpoint's metadata while it reads them: each byte is read once.
+        with reader.hash_while_reading() if is_rank0 else contextlib.nullcontext() as hasher:
+            convert_into(model, reader, hf_config, padded_vocab=padded, source=str(hf_dir), ignored_config_fields=ignored)
+            hashes = hasher.result() if is_rank0 else {}
         meta = CheckpointMetadata(
             hf_config=hf_config,
             padded_vocab_size=padded,
             params_dtype=str(params_dtype).removeprefix("torch."),
-            source={"hf": str(hf_dir.resolve()), "sha256": sha256_dir(hf_dir) if is_rank0 else {},
+            source={"hf": str(hf_dir.resolve()), "sha256": hashes,
                     "imported_with": {"tp": tp, "pp": pp}},
             ignored_config_fields=ignored,
         )

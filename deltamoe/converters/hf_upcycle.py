@@ -33,7 +33,6 @@ import torch
 
 from deltamoe.architectures.moe import MOE_FORMATS, moe_hf_config
 from deltamoe.common.errors import DeltaMoEError
-from deltamoe.common.hashing import sha256_dir
 from deltamoe.common.outputs import atomic_output_dir
 from deltamoe.common.hf_folder import copy_tokenizer_files, read_config
 from deltamoe.converters.hf_moe_layout import FORMATS, MoEFormat, format_for_dense, parse_dense_name
@@ -126,11 +125,10 @@ def upcycle_hf(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, plan: U
     _check_plan(plan, fmt_, dense)
     config = moe_config(dense, fmt_, plan)
     shared_source = plan.shared_expert
-    saved_plan = dataclasses.replace(plan, base_architecture=dense["model_type"],
-                                     base_sha256=sha256_dir(dense_dir, patterns=("*.safetensors",)))
     reader = SafetensorsReader(dense_dir)
     num_layers = dense["num_hidden_layers"]
-    with atomic_output_dir(out_dir, inputs=[dense_dir], overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, inputs=[dense_dir], overwrite=overwrite) as tmp, \
+            reader.hash_while_reading(patterns=("*.safetensors",)) as hasher:  # each byte read once
         writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes)
         dtype = None
         for name, tensor in reader.iter_tensors():
@@ -156,6 +154,6 @@ def upcycle_hf(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, plan: U
                 writer.add(fmt_.shared_expert_gate_name(layer), torch.zeros(1, hidden, dtype=dtype))
         writer.finish()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        saved_plan.save(tmp)
+        dataclasses.replace(plan, base_architecture=dense["model_type"], base_sha256=hasher.result()).save(tmp)
         copy_tokenizer_files(dense_dir, tmp)
     return out_dir

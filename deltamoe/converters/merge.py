@@ -20,6 +20,7 @@ Example (ParamDelta: continually pre-trained base plus the instruct delta):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,26 +32,23 @@ import torch
 from tqdm import tqdm
 
 from deltamoe.common.errors import DeltaMoEError
-from deltamoe.common.hashing import sha256_dir, versions
+from deltamoe.common.hashing import versions
 from deltamoe.common.outputs import atomic_output_dir
 from deltamoe.common.hf_folder import check_same_tokenizer, copy_tokenizer_files, read_config
+from deltamoe.converters.blockwise import Scratch, check_block, check_finite, one_torch_thread, row_blocks
 from deltamoe.converters.hf_moe_layout import VOCAB_TENSORS
 from deltamoe.converters.model_card import write_merge_card
-from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter
+from deltamoe.converters.safetensors_io import PlannedShardWriter, SafetensorsReader
 
 log = logging.getLogger(__name__)
 METHODS = ("param_delta", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+BLOCKWISE_METHODS = ("task_arithmetic", "param_delta")
+"""Element-wise methods, computed in row blocks; TIES and DARE need whole tensors (magnitude ranks, random streams)."""
 ARCHITECTURE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                        "num_key_value_heads")
 
 
 # ---- checks shared with graft ---------------------------------------------------------------------------------------
-
-def check_finite(tensor: torch.Tensor, name: str, folder: Path) -> None:
-    # max(|t|) propagates NaN and Inf and is several times faster than isfinite().all() on bf16 CPU tensors.
-    if tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor.abs().max()):
-        raise DeltaMoEError(f"{folder}: tensor {name!r} contains NaN or Inf values")
-
 
 def extra_vocab_rows(name: str, base_shape: list[int], other_shape: list[int], other: Path) -> int:
     """Rows `other` adds beyond the base vocabulary (0 when shapes agree); every other mismatch is an error."""
@@ -182,32 +180,36 @@ def merge_models(*, method: str, base: Path, models: list[Path], out: Path, weig
         if set(r.keys()) != set(base_reader.keys()):
             diff = sorted(set(r.keys()) ^ set(base_reader.keys()))
             raise DeltaMoEError(f"{m}: tensor names differ from {base}: {diff[:5]}")
-    vocab_rows: dict[str, dict] = {}
+    vocab_rows = _vocab_rows(base_reader, readers, models)
+    names = [n for names in base_reader.keys_by_shard().values() for n in names]
+    specs = [(n, readers[0].dtype(n), [vocab_rows[n]["rows"][1], *base_reader.shape(n)[1:]] if n in vocab_rows
+              else base_reader.shape(n)) for n in names]
+    for name, rows in vocab_rows.items():
+        log.warning("%s: rows %d..%d beyond the base vocabulary copied from %s", name, *rows["rows"], rows["from"])
     with atomic_output_dir(out, inputs=[base, *models], overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes)
-        names = [n for names in base_reader.keys_by_shard().values() for n in names]
-        for name in tqdm(names, desc=f"merge ({method})", unit="tensor"):
-            b = base_reader.get(name)
-            check_finite(b, name, base)
-            ts = []
-            for m, r in zip(models, readers):
-                t = r.get(name)
-                check_finite(t, name, m)
-                ts.append(t)
-            extra = [extra_vocab_rows(name, list(b.shape), list(t.shape), m) for t, m in zip(ts, models)]
-            rows = b.shape[0]
-            merged = combine(method, name, b.float(), [t[:rows].float() for t in ts], weights, density=density, seed=seed)
-            extenders = [k for k, e in enumerate(extra) if e]
-            if len(extenders) > 1:
-                raise DeltaMoEError(f"tensor {name!r}: several models add vocabulary rows "
-                                    f"({', '.join(str(models[k]) for k in extenders)}); merging new-token rows is undefined")
-            if extenders:
-                k = extenders[0]
-                merged = torch.cat([merged, ts[k][rows:].float()])
-                vocab_rows[name] = {"from": str(models[k]), "rows": [rows, rows + extra[k]]}
-                log.warning("%s: rows %d..%d beyond the base vocabulary copied from %s", name, rows, rows + extra[k], models[k])
-            writer.add(name, merged.to(ts[0].dtype))
-        writer.finish()
+        scratch = Scratch()
+        with contextlib.ExitStack() as hashing:
+            hash_base = hashing.enter_context(base_reader.hash_while_reading())
+            hash_models = [hashing.enter_context(r.hash_while_reading(list(dict.fromkeys(r.shard_of(n) for n in names))))
+                           for r in readers]
+            writer = PlannedShardWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
+            try:
+                with one_torch_thread() if method in BLOCKWISE_METHODS else contextlib.nullcontext():
+                    for name in tqdm(names, desc=f"merge ({method})", unit="tensor"):
+                        b, ts = base_reader.get(name), [r.get(name) for r in readers]
+                        merged = writer.buffer(name)
+                        _merge_tensor(method, name, b, ts, merged, weights, density=density, seed=seed, base=base,
+                                      models=models, scratch=scratch)
+                        if name in vocab_rows:
+                            k = [str(m) for m in models].index(vocab_rows[name]["from"])
+                            merged[b.shape[0]:].copy_(ts[k][b.shape[0]:].float())
+                        writer.add(name, merged)
+                        for r in (base_reader, *readers):
+                            r.release(name)
+                writer.finish()
+            finally:
+                writer.close()
+            hashes = {"base": hash_base.result(), "models": [h.result() for h in hash_models]}
         config = read_config(models[0] if method == "param_delta" else base)
         if vocab_rows:
             config["vocab_size"] = max(v["rows"][1] for v in vocab_rows.values())
@@ -217,8 +219,8 @@ def merge_models(*, method: str, base: Path, models: list[Path], out: Path, weig
         copied = copy_tokenizer_files(token_source, tmp)
         manifest = {
             "command": "merge", "method": method, "weights": weights, "density": density, "seed": seed,
-            "inputs": {"base": {"path": str(base), "sha256": sha256_dir(base)},
-                       "models": [{"path": str(m), "sha256": sha256_dir(m)} for m in models]},
+            "inputs": {"base": {"path": str(base), "sha256": hashes["base"]},
+                       "models": [{"path": str(m), "sha256": h} for m, h in zip(models, hashes["models"])]},
             "vocab_policy": "rows within the base vocabulary merged; rows beyond it from the model that adds them",
             "vocab_rows": vocab_rows, "tokenizer_from": str(token_source), "tokenizer_files": copied,
             "versions": versions(), "elapsed_s": round(time.perf_counter() - start, 3),
@@ -227,6 +229,49 @@ def merge_models(*, method: str, base: Path, models: list[Path], out: Path, weig
         (tmp / "deltamoe_merge.json").write_text(json.dumps(manifest, indent=2) + "\n")
         write_merge_card(tmp, manifest, name=out.name)
     return manifest
+
+
+def _vocab_rows(base_reader: SafetensorsReader, readers: list[SafetensorsReader], models: list[Path]) -> dict[str, dict]:
+    """Tensors to which one model adds vocabulary rows, checked before any tensor is read."""
+    vocab_rows = {}
+    for name in base_reader.keys():
+        b_shape = base_reader.shape(name)
+        extra = [extra_vocab_rows(name, b_shape, r.shape(name), m) for r, m in zip(readers, models)]
+        extenders = [k for k, e in enumerate(extra) if e]
+        if len(extenders) > 1:
+            raise DeltaMoEError(f"tensor {name!r}: several models add vocabulary rows "
+                                f"({', '.join(str(models[k]) for k in extenders)}); merging new-token rows is undefined")
+        if extenders:
+            k = extenders[0]
+            vocab_rows[name] = {"from": str(models[k]), "rows": [b_shape[0], b_shape[0] + extra[k]]}
+    return vocab_rows
+
+
+def _merge_tensor(method: str, name: str, b: torch.Tensor, ts: list[torch.Tensor], out: torch.Tensor,
+                  weights: list[float], *, density: float, seed: int, base: Path, models: list[Path],
+                  scratch: Scratch) -> None:
+    """Merge one tensor's rows within the base vocabulary into `out` (the model's dtype).
+
+    Task arithmetic and ParamDelta are element-wise: row blocks with the very operations of their `combine_*`
+    function. TIES and DARE need the whole tensor (magnitude ranks, one random stream per tensor): `combine` on it.
+    """
+    rows = b.shape[0]
+    if method in BLOCKWISE_METHODS:
+        for start, stop in row_blocks(rows, b[0].numel() if b.ndim > 1 else 1):
+            base_block = scratch.upcast(0, b[start:stop])
+            blocks = [t[start:stop] for t in ts]
+            first = 0 if method == "task_arithmetic" else 1
+            acc = scratch.upcast(1, b[start:stop] if method == "task_arithmetic" else blocks[0])
+            for k in range(first, len(ts)):
+                diff = torch.sub(scratch.upcast(2, blocks[k]), base_block, out=scratch.like(3, base_block.shape))
+                acc.add_(diff, alpha=weights[k])
+            check_block(acc, [(b[start:stop], name, base), *[(blk, name, m) for blk, m in zip(blocks, models)]])
+            out[start:stop].copy_(acc)
+        return
+    check_finite(b, name, base)
+    for t, m in zip(ts, models):
+        check_finite(t, name, m)
+    out[:rows].copy_(combine(method, name, b.float(), [t[:rows].float() for t in ts], weights, density=density, seed=seed))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,269 @@
+"""Conversion at disk speed without changing a bit: hashing while streaming, block arithmetic, planned shard writes.
+
+The oracles below are graft's and merge's arithmetic as it was before streaming (whole tensors, upcast to float32,
+then cast back): every output tensor must equal them bit for bit, the files must equal what safetensors writes, and
+the manifests must keep the same sha256 values.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deltamoe.common.hashing import FolderHasher, sha256_dir
+from deltamoe.common.hf_folder import read_config
+from deltamoe.converters import blockwise
+from deltamoe.converters.graft import graft
+from deltamoe.converters.hf_moe_layout import format_of_config, parse_moe_name
+from deltamoe.converters.hf_upcycle import ffn_slice, upcycle_hf
+from deltamoe.converters.merge import METHODS, combine, merge_models
+from deltamoe.converters.safetensors_io import PlannedShardWriter, SafetensorsReader, ShardWriter
+from deltamoe.megatron_ext.moe.plan import UpcyclePlan, copy_plan
+from deltamoe.megatron_ext.moe.upcycle import build_plan
+from tests.test_graft import perturbed_copy
+from tests.tiny_models import make_tiny_hf
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 100 elements: every tiny tensor spans several blocks, and expert row slices cross block edges."""
+    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 100)
+
+
+def rewrite(folder: Path, dtype: torch.dtype, *, perturb: float = 0.0, keep=lambda name: False, seed: int = 3) -> Path:
+    """Cast a one-file model to `dtype`; optionally add noise to the tensors `keep` does not protect (training)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = load_file(folder / "model.safetensors")
+    out = {}
+    for name, t in sorted(tensors.items()):
+        if perturb and not keep(name):
+            t = t + perturb * torch.randn(t.shape, generator=gen)
+        out[name] = t.to(dtype).contiguous()
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def reference_graft(base: Path, post: Path, moe: Path, scale: float, experts: str) -> dict[str, torch.Tensor]:
+    b, i, m = (SafetensorsReader(f).read_all() for f in (base, post, moe))
+    plan = UpcyclePlan.load(moe)
+    fmt = format_of_config(read_config(moe), "config.json")
+    out = {}
+    for name, t in m.items():
+        role = parse_moe_name(fmt, name)
+        source = (plan.routed_experts[role.expert] if role.kind == "expert"
+                  else plan.shared_expert if role.kind == "shared_expert" else None)
+        if role.kind == "shared_expert":
+            selected = plan.shared_expert is not None and experts in ("all", "original")
+        else:
+            selected = experts == "all" or (experts == "original") == (role.expert in plan.frozen_experts)
+        if role.kind in ("router", "shared_expert_gate") or (role.kind != "other" and not selected):
+            out[name] = t
+            continue
+        bt, it = b[role.dense_name], i[role.dense_name]
+        rows = bt.shape[0]
+        delta = it[:rows].float() - bt.float()
+        if role.kind == "other":
+            o = torch.add(t.float(), delta, alpha=scale)
+            if it.shape[0] > rows:
+                o = torch.cat([o, it[rows:].float()])
+        else:
+            o = torch.add(t.float(), ffn_slice(delta, role.proj, source), alpha=scale)
+        out[name] = o.to(t.dtype)
+    return out
+
+
+def assert_same_tensors(folder: Path, expected: dict[str, torch.Tensor]) -> None:
+    got = SafetensorsReader(folder).read_all()
+    assert sorted(got) == sorted(expected)
+    for name, want in expected.items():
+        assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+
+
+GRAFT_CASES = [
+    pytest.param("copy", torch.bfloat16, 1.0, "all", 0, id="copy-bf16"),
+    pytest.param("copy", torch.float32, 0.5, "new", 3, id="copy-fp32-new-vocab"),
+    pytest.param("copy", torch.bfloat16, 0.3, "original", 0, id="copy-bf16-original-scale0.3"),
+    pytest.param("shared", torch.bfloat16, 1.0, "all", 2, id="shared-bf16-vocab"),
+    pytest.param("shared", torch.float32, 0.7, "new", 0, id="shared-fp32-new"),
+]
+
+
+@pytest.mark.parametrize("variant,dtype,scale,experts,extra_rows", GRAFT_CASES)
+def test_streamed_graft_equals_whole_tensor_arithmetic(tmp_path, small_blocks, variant, dtype, scale, experts, extra_rows):
+    plan = (copy_plan(num_experts=4, topk=2, ffn_hidden_size=96) if variant == "copy" else
+            build_plan(variant="shared", num_experts=4, topk=2, ffn_hidden_size=96, granularity=2, router_init="zeros"))
+    arch = "llama" if variant == "copy" else "qwen2"  # a shared expert needs Qwen2-MoE
+    base = rewrite(make_tiny_hf(arch, tmp_path / "B", seed=1), dtype)
+    post = rewrite(perturbed_copy(base, tmp_path / "I", extra_rows=extra_rows), dtype)
+    moe = upcycle_hf(base, tmp_path / "M", plan, max_shard_bytes=60_000)
+    frozen = [f"experts.{e}." for e in plan.frozen_experts]
+    rewrite_sharded(moe, perturb=0.01, keep=lambda n: any(f in n for f in frozen))  # M after training
+    manifest = graft(base=base, post=post, moe=moe, out=tmp_path / "O", scale=scale, experts=experts,
+                     max_shard_bytes=50_000)
+    assert_same_tensors(tmp_path / "O", reference_graft(base, post, moe, scale, experts))
+    assert manifest["inputs"]["moe"]["sha256"] == sha256_dir(moe)
+    assert manifest["inputs"]["base"]["sha256"] == sha256_dir(base)
+    assert manifest["inputs"]["post"]["sha256"] == sha256_dir(post)
+
+
+def rewrite_sharded(folder: Path, *, perturb: float, keep) -> None:
+    """Add noise to a sharded model's tensors in place, keeping its shard layout."""
+    reader = SafetensorsReader(folder)
+    gen = torch.Generator().manual_seed(11)
+    for shard, names in reader.keys_by_shard().items():
+        tensors = {n: reader.get(n).clone() for n in names}
+        for n in sorted(names):
+            if not keep(n) and tensors[n].is_floating_point():
+                tensors[n] = (tensors[n].float() + perturb * torch.randn(tensors[n].shape, generator=gen)).to(tensors[n].dtype)
+        del reader
+        save_file(tensors, folder / shard, metadata={"format": "pt"})
+        reader = SafetensorsReader(folder)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_streamed_merge_equals_whole_tensor_arithmetic(tmp_path, small_blocks, method):
+    base = rewrite(make_tiny_hf("llama", tmp_path / "B", seed=1), torch.bfloat16)
+    a = rewrite(perturbed_copy(base, tmp_path / "A", seed=2, extra_rows=2), torch.bfloat16)
+    c = rewrite(perturbed_copy(base, tmp_path / "C", seed=3), torch.bfloat16)
+    weights = [1.0, 0.6] if method == "param_delta" else [0.7, 0.4]
+    manifest = merge_models(method=method, base=base, models=[a, c], out=tmp_path / "O", weights=weights,
+                            density=0.5, seed=4, max_shard_bytes=40_000)
+    b_t, a_t, c_t = (SafetensorsReader(f).read_all() for f in (base, a, c))
+    expected = {}
+    for name, bt in b_t.items():
+        rows = bt.shape[0]
+        merged = combine(method, name, bt.float(), [a_t[name][:rows].float(), c_t[name][:rows].float()], weights,
+                         density=0.5, seed=4)
+        if a_t[name].shape[0] > rows:
+            merged = torch.cat([merged, a_t[name][rows:].float()])
+        expected[name] = merged.to(a_t[name].dtype)
+    assert_same_tensors(tmp_path / "O", expected)
+    assert manifest["inputs"]["base"]["sha256"] == sha256_dir(base)
+    assert [m["sha256"] for m in manifest["inputs"]["models"]] == [sha256_dir(a), sha256_dir(c)]
+
+
+def test_upcycle_records_the_base_hashes_it_streamed(tmp_path):
+    base = make_tiny_hf("llama", tmp_path / "B", seed=1)
+    moe = upcycle_hf(base, tmp_path / "M", copy_plan(num_experts=3, topk=2, ffn_hidden_size=96))
+    assert UpcyclePlan.load(moe).base_sha256 == sha256_dir(base, patterns=("*.safetensors",))
+
+
+def test_each_tensor_is_read_after_the_hashing_thread_read_its_bytes(tmp_path, monkeypatch):
+    """What makes the disk read once: the arithmetic waits for the hashing thread and finds the bytes in memory."""
+    from deltamoe.converters import safetensors_io
+
+    base = make_tiny_hf("llama", tmp_path / "B", seed=1)
+    post = perturbed_copy(base, tmp_path / "I")
+    moe = upcycle_hf(base, tmp_path / "M", copy_plan(num_experts=4, topk=2, ffn_hidden_size=96), max_shard_bytes=60_000)
+    checked = []
+    original_get = SafetensorsReader.get
+
+    def get(self, name):
+        tensor = original_get(self, name)
+        hasher = self._hasher
+        if hasher is not None:
+            shard = self.shard_of(name)
+            end = self._data_start(shard) + self._entry(name)["data_offsets"][1]
+            assert shard in hasher._hashes or hasher._progress.get(shard, 0) >= end, (self.folder, name)
+            checked.append(name)
+        return tensor
+
+    monkeypatch.setattr(safetensors_io.SafetensorsReader, "get", get)
+    graft(base=base, post=post, moe=moe, out=tmp_path / "O")
+    assert len(checked) > 50
+
+
+def make_shards(folder: Path, count: int, size: int = 4096) -> None:
+    writer = ShardWriter(folder, max_shard_bytes=size)
+    for k in range(count):
+        writer.add(f"t{k}", torch.full((size // 4,), float(k)))
+    writer.finish()
+
+
+def test_folder_hasher_equals_sha256_dir_and_stays_within_its_lookahead(tmp_path):
+    make_shards(tmp_path, 5)
+    (tmp_path / "config.json").write_text("{}")
+    reader = SafetensorsReader(tmp_path)
+    with reader.hash_while_reading(lookahead=1) as hasher:
+        deadline = time.monotonic() + 10
+        while len(hasher._hashes) < 3 and time.monotonic() < deadline:  # the JSON files and the first shard
+            time.sleep(0.01)
+        time.sleep(0.1)
+        # No further: the consumer has started no shard, and the thread may run one ahead of it.
+        assert sorted(hasher._hashes) == ["config.json", reader.shards[0], "model.safetensors.index.json"]
+        assert reader.shard_of("t2") == reader.shards[2]
+        reader.get("t2")  # starts the third shard and waits for its bytes; the thread may now read the fourth
+        assert reader.shards[2] in hasher._hashes and reader.shards[4] not in hasher._hashes
+        assert hasher.result() == sha256_dir(tmp_path)
+
+
+def test_folder_hasher_reports_an_unreadable_file_and_stops_on_error(tmp_path):
+    make_shards(tmp_path, 3)
+    hasher = FolderHasher(tmp_path, lookahead=0)
+    victim = sorted(tmp_path.glob("*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(Exception, match=f"{tmp_path}: cannot read a file to hash it"):
+        hasher.started(victim.name)
+        hasher.result()
+    with FolderHasher(tmp_path, lookahead=0):
+        pass  # leaving the block after an error stops the thread instead of reading the rest
+    assert not [t for t in threading.enumerate() if t.name.startswith("sha256")]
+
+
+DTYPES = [torch.bfloat16, torch.float32, torch.float16, torch.int64, torch.int8, torch.bool, torch.float64]
+
+
+@pytest.mark.parametrize("max_shard_bytes", [10**9, 64, 1])
+def test_planned_writer_files_are_byte_identical_to_safetensors(tmp_path, max_shard_bytes):
+    rng = random.Random(max_shard_bytes)
+    gen = torch.Generator().manual_seed(0)
+    specs = [(f"layer.{rng.randint(0, 99)}.w{i}", rng.choice(DTYPES), [rng.randint(0, 7) for _ in range(rng.randint(0, 3))])
+             for i in range(40)]
+    tensors = {n: (torch.randn(s, generator=gen) * 5).to(d) for n, d, s in specs}
+    reference = ShardWriter(tmp_path / "ref", max_shard_bytes=max_shard_bytes)
+    for name, _, _ in specs:
+        reference.add(name, tensors[name])
+    reference.finish()
+    planned = PlannedShardWriter(tmp_path / "new", specs, max_shard_bytes=max_shard_bytes, max_pending_bytes=100)
+    for name, _, _ in rng.sample(specs, len(specs)):  # any order
+        out = planned.buffer(name)
+        out.copy_(tensors[name])
+        planned.add(name, out)
+    planned.finish()
+    assert sha256_dir(tmp_path / "new") == sha256_dir(tmp_path / "ref")
+    assert len(list((tmp_path / "ref").glob("*.safetensors"))) > (1 if max_shard_bytes < 10**9 else 0)
+
+
+def test_planned_writer_refuses_what_it_did_not_plan_and_what_is_missing(tmp_path):
+    specs = [("a", torch.float32, [2]), ("b", torch.bfloat16, [3])]
+    writer = PlannedShardWriter(tmp_path, specs)
+    with pytest.raises(ValueError, match="'c' is not in the writer's plan"):
+        writer.add("c", torch.zeros(2))
+    with pytest.raises(ValueError, match=r"'a': planned torch.float32 \[2\], got torch.float32 \[3\]"):
+        writer.add("a", torch.zeros(3))
+    writer.add("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="'a' written twice"):
+        writer.add("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="1 planned tensors were never written, e.g. 'b'"):
+        writer.finish()
+
+
+def test_planned_writer_passes_a_write_error_to_the_caller(tmp_path, monkeypatch):
+    from deltamoe.converters import safetensors_io
+
+    def full(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    writer = PlannedShardWriter(tmp_path, [("a", torch.float32, [4]), ("b", torch.float32, [4])])
+    monkeypatch.setattr(safetensors_io, "_pwrite_all", full)
+    writer.add("a", torch.zeros(4))
+    with pytest.raises(OSError, match="No space left"):
+        writer.finish()
+    writer.close()
