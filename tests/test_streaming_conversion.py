@@ -149,6 +149,50 @@ def test_streamed_merge_equals_whole_tensor_arithmetic(tmp_path, small_blocks, m
     assert [m["sha256"] for m in manifest["inputs"]["models"]] == [sha256_dir(a), sha256_dir(c)]
 
 
+def reference_upcycle_files(dense: Path, out: Path, plan: UpcyclePlan, max_shard_bytes: int) -> dict[str, str]:
+    """The HF upcycle as it was written before planned shards: ShardWriter, tensors in reading order."""
+    from deltamoe.converters.hf_moe_layout import format_for_dense, parse_dense_name
+    from deltamoe.converters.hf_upcycle import moe_config
+
+    config_in = read_config(dense)
+    fmt = format_for_dense(config_in["model_type"], "config.json")
+    config = moe_config(config_in, fmt, plan)
+    writer = ShardWriter(out, max_shard_bytes=max_shard_bytes)
+    dtype = None
+    for name, tensor in SafetensorsReader(dense).iter_tensors():
+        dtype = dtype or tensor.dtype
+        ffn = parse_dense_name(name)
+        if ffn is None:
+            writer.add(name, tensor)
+            continue
+        layer, proj = ffn
+        for j, source in enumerate(plan.routed_experts):
+            writer.add(fmt.expert_name(layer, j, proj), ffn_slice(tensor, proj, source).to(tensor.dtype))
+        if fmt.has_shared_expert:
+            if plan.shared_expert is not None:
+                shared = ffn_slice(tensor, proj, plan.shared_expert)
+            else:
+                width = config["shared_expert_intermediate_size"]
+                shared = torch.zeros((width, tensor.shape[1]) if proj != "down" else (tensor.shape[0], width))
+            writer.add(fmt.shared_expert_name(layer, proj), shared.to(tensor.dtype))
+    for layer in range(config_in["num_hidden_layers"]):
+        writer.add(fmt.router_name(layer), torch.zeros(plan.num_experts, config_in["hidden_size"], dtype=dtype))
+        if fmt.has_shared_expert:
+            writer.add(fmt.shared_expert_gate_name(layer), torch.zeros(1, config_in["hidden_size"], dtype=dtype))
+    writer.finish()
+    return sha256_dir(out, patterns=("*.safetensors", "*.index.json"))
+
+
+@pytest.mark.parametrize("arch,variant", [("llama", "copy"), ("qwen3", "copy"), ("qwen2", "shared"), ("qwen2", "copy")])
+def test_hf_upcycle_files_are_byte_identical_to_the_buffered_writer(tmp_path, arch, variant):
+    plan = (copy_plan(num_experts=3, topk=2, ffn_hidden_size=96) if variant == "copy" else
+            build_plan(variant="shared", num_experts=4, topk=2, ffn_hidden_size=96, granularity=2, router_init="zeros"))
+    base = rewrite(make_tiny_hf(arch, tmp_path / "B", seed=1), torch.bfloat16)
+    upcycle_hf(base, tmp_path / "M", plan, max_shard_bytes=50_000)
+    expected = reference_upcycle_files(base, tmp_path / "ref", plan, 50_000)
+    assert len(expected) > 2 and sha256_dir(tmp_path / "M", patterns=("*.safetensors", "*.index.json")) == expected
+
+
 def test_upcycle_records_the_base_hashes_it_streamed(tmp_path):
     base = make_tiny_hf("llama", tmp_path / "B", seed=1)
     moe = upcycle_hf(base, tmp_path / "M", copy_plan(num_experts=3, topk=2, ffn_hidden_size=96))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -31,7 +32,7 @@ def sha256_dir(path: str | os.PathLike, patterns: tuple[str, ...] = ("*.safetens
 class FolderHasher:
     """`sha256_dir` of a folder, computed while a consumer streams its weights, so each byte is read from disk once.
 
-    A background thread reads the folder's files sequentially in large blocks (JSON files first, then the weight files
+    A background thread reads the folder's files sequentially (JSON files first, then the weight files
     in the order the consumer will read them) and hashes them; hashlib and file reads release the GIL, so this
     overlaps the consumer's arithmetic. The consumer reads tensors through mmap and first waits (`wait_for`) until the
     thread has read past the bytes it needs: the disk sees one sequential reader, and the consumer's page faults find
@@ -87,29 +88,45 @@ class FolderHasher:
 
     def _run(self) -> None:
         try:
-            buffer = bytearray(self._chunk_bytes)
-            view = memoryview(buffer)
             for name in self._files:
                 with self._cond:
                     self._cond.wait_for(lambda: self._may_read(name))
-                digest = hashlib.sha256()
-                done = 0
-                with open(self.folder / name, "rb", buffering=0) as f:
-                    while (n := f.readinto(buffer)) and not self._abort:
-                        digest.update(view[:n])
-                        done += n
-                        with self._cond:
-                            self._progress[name] = done
-                            self._cond.notify_all()
-                if self._abort:
+                digest = self._hash_file(name)
+                if digest is None:
                     return
                 with self._cond:
-                    self._hashes[name] = digest.hexdigest()
+                    self._hashes[name] = digest
                     self._cond.notify_all()
         except BaseException as e:  # re-raised in the consumer's thread by result()
             with self._cond:
                 self._error = e
                 self._cond.notify_all()
+
+    def _hash_file(self, name: str) -> str | None:
+        """sha256 of one file read through a sequential mmap; None when aborted.
+
+        Measured on the 2-core development VM, cold cache, 2.07 GB: 1.7-1.9 s through mmap against 3.0-6.5 s with
+        16 MiB read() calls (whose copies into a user buffer cost a second of system time).
+        """
+        digest = hashlib.sha256()
+        with open(self.folder / name, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        if mapped is None:
+            return digest.hexdigest()
+        try:
+            mapped.madvise(mmap.MADV_SEQUENTIAL)  # larger read-ahead, pages dropped behind first
+            with memoryview(mapped) as view:
+                for start in range(0, size, self._chunk_bytes):
+                    if self._abort:
+                        return None
+                    digest.update(view[start:start + self._chunk_bytes])
+                    with self._cond:
+                        self._progress[name] = min(size, start + self._chunk_bytes)
+                        self._cond.notify_all()
+        finally:
+            mapped.close()
+        return digest.hexdigest()
 
     def result(self) -> dict[str, str]:
         with self._cond:

@@ -36,7 +36,7 @@ from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.outputs import atomic_output_dir
 from deltamoe.common.hf_folder import copy_tokenizer_files, read_config
 from deltamoe.converters.hf_moe_layout import FORMATS, MoEFormat, format_for_dense, parse_dense_name
-from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter
+from deltamoe.converters.safetensors_io import PlannedShardWriter, SafetensorsReader
 from deltamoe.megatron_ext.moe.plan import ExpertSource, UpcyclePlan
 
 QWEN2_MOE_SHARED_GATE_COMPENSATION = 2.0
@@ -112,6 +112,40 @@ def _check_function_preserving(plan: UpcyclePlan) -> None:
                             "variant is exact only when every routed expert is")
 
 
+def _moe_layout(reader: SafetensorsReader, plan: UpcyclePlan, fmt: MoEFormat, config: dict, *, num_layers: int,
+                hidden: int) -> list[tuple[str, torch.dtype, list[int], tuple]]:
+    """Every output tensor in write order: (name, dtype, shape, (dense tensor, projection, expert source)).
+
+    The dense model's tensors shard by shard (an FFN tensor becomes its experts, then the shared expert), then the
+    zero routers and gates in the dtype of the first tensor.
+    """
+    layout = []
+    names = [n for names in reader.keys_by_shard().values() for n in names]
+    for name in names:
+        dtype, shape = reader.dtype(name), reader.shape(name)
+        ffn = parse_dense_name(name)
+        if ffn is None:
+            layout.append((name, dtype, shape, (name, None, None)))
+            continue
+        layer, proj = ffn
+        for j, source in enumerate(plan.routed_experts):
+            sliced = list(ffn_slice(torch.empty(shape, device="meta"), proj, source).shape)
+            layout.append((fmt.expert_name(layer, j, proj), dtype, sliced, (name, proj, source)))
+        if fmt.has_shared_expert:
+            if plan.shared_expert is not None:
+                sliced = list(ffn_slice(torch.empty(shape, device="meta"), proj, plan.shared_expert).shape)
+            else:
+                width = config["shared_expert_intermediate_size"]
+                sliced = [width, shape[1]] if proj != "down" else [shape[0], width]
+            layout.append((fmt.shared_expert_name(layer, proj), dtype, sliced, (name, proj, plan.shared_expert)))
+    first = reader.dtype(names[0])
+    for layer in range(num_layers):
+        layout.append((fmt.router_name(layer), first, [plan.num_experts, hidden], (None, None, None)))
+        if fmt.has_shared_expert:
+            layout.append((fmt.shared_expert_gate_name(layer), first, [1, hidden], (None, None, None)))
+    return layout
+
+
 def upcycle_hf(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, plan: UpcyclePlan, fmt: str | None = None, *,
                overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write an HF MoE folder of format `fmt` (default: the dense model's counterpart) made from `dense_dir`."""
@@ -129,30 +163,28 @@ def upcycle_hf(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, plan: U
     num_layers = dense["num_hidden_layers"]
     with atomic_output_dir(out_dir, inputs=[dense_dir], overwrite=overwrite) as tmp, \
             reader.hash_while_reading(patterns=("*.safetensors",)) as hasher:  # each byte read once
-        writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes)
-        dtype = None
-        for name, tensor in reader.iter_tensors():
-            dtype = dtype or tensor.dtype
-            ffn = parse_dense_name(name)
-            if ffn is None:
-                writer.add(name, tensor)
-                continue
-            layer, proj = ffn
-            for j, source in enumerate(plan.routed_experts):
-                writer.add(fmt_.expert_name(layer, j, proj), ffn_slice(tensor, proj, source).to(tensor.dtype))
-            if fmt_.has_shared_expert:
-                if shared_source is not None:
-                    shared = ffn_slice(tensor, proj, shared_source)
-                else:  # copy variant: a shared expert whose output is exactly zero
-                    width = config["shared_expert_intermediate_size"]
-                    shared = torch.zeros((width, tensor.shape[1]) if proj != "down" else (tensor.shape[0], width))
-                writer.add(fmt_.shared_expert_name(layer, proj), shared.to(tensor.dtype))
-        hidden = dense["hidden_size"]
-        for layer in range(num_layers):
-            writer.add(fmt_.router_name(layer), torch.zeros(plan.num_experts, hidden, dtype=dtype))
-            if fmt_.has_shared_expert:
-                writer.add(fmt_.shared_expert_gate_name(layer), torch.zeros(1, hidden, dtype=dtype))
-        writer.finish()
+        layout = _moe_layout(reader, plan, fmt_, config, num_layers=num_layers, hidden=dense["hidden_size"])
+        writer = PlannedShardWriter(tmp, [(name, dtype, shape) for name, dtype, shape, _ in layout],
+                                    max_shard_bytes=max_shard_bytes)
+        try:
+            upcast: tuple[str, torch.Tensor] | None = None  # the dense FFN tensor in float32, for all its experts
+            for name, dtype, shape, (dense_name, proj, source) in layout:
+                if dense_name is None:  # routers and shared-expert gates start at zero
+                    writer.add(name, writer.buffer(name).zero_())
+                elif proj is None:  # not an FFN tensor: as it is
+                    writer.add(name, reader.get(dense_name))
+                else:
+                    if upcast is None or upcast[0] != dense_name:
+                        upcast = (dense_name, reader.get(dense_name).float())
+                    out = writer.buffer(name)
+                    if source is None:  # copy variant's shared expert: its output is exactly zero
+                        out.zero_()
+                    else:
+                        out.copy_(ffn_slice(upcast[1], proj, source))  # = ffn_slice(...).to(dtype)
+                    writer.add(name, out)
+            writer.finish()
+        finally:
+            writer.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         dataclasses.replace(plan, base_architecture=dense["model_type"], base_sha256=hasher.result()).save(tmp)
         copy_tokenizer_files(dense_dir, tmp)
