@@ -9,8 +9,9 @@ Then, for each command, in its own process (peak RSS from `wait4`):
   3. drop the page cache again and run the command: GB read (its input files), seconds, GB/s, % of the dd rate.
 mergekit's task arithmetic on B and I runs the same way when `--mergekit-yaml` is given (install mergekit in its own
 venv, never in the project's). The last lines project a Qwen2.5-72B graft (6 experts) from the measured rates, and
-`--hashes FILE` writes the sha256 of every output's safetensors (to show that outputs are bit-identical across
-versions of the code).
+`--hashes FILE` writes the sha256 of every output's weight files (safetensors; torch_dist .distcp for import), to
+show that outputs are bit-identical across versions of the code. `--repeat N` runs each row N times (median command
+time, best dd time: what the disk gives); the machine's load is printed with the table.
 
   OMP_NUM_THREADS=2 .venv/bin/python bench/conversion.py --workdir /var/tmp/deltamoe-bench
   OMP_NUM_THREADS=2 .venv/bin/python bench/conversion.py --workdir W --mergekit-yaml /tmp/mk-venv/bin/mergekit-yaml
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -179,6 +181,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, required=True, help="inputs are built here once and kept for reruns")
     p.add_argument("--only", nargs="+", default=None, help="run only the rows whose label starts with one of these")
     p.add_argument("--mergekit-yaml", default=None, help="path of mergekit-yaml (install mergekit in its own venv)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per row: median command time, best dd time")
     p.add_argument("--hashes", type=Path, default=None, help="write the sha256 of every output's safetensors here")
     a = p.parse_args()
     w = a.workdir.resolve()
@@ -217,20 +220,28 @@ def main() -> None:
     for label, cmd, inputs, target in rows:
         files = [f for k in inputs for f in input_files(w / k)]
         nbytes = sum(f.stat().st_size for f in files)
-        cold &= drop_page_cache()
-        dd = dd_seconds(files)
-        cold &= drop_page_cache()
-        seconds, rss = timed(cmd, env)
-        written = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-        hashes[label] = {p.name: sha256_file(p) for p in sorted(target.glob("*.safetensors"))}
-        shutil.rmtree(target)  # keeps the disk (and the page cache) for the next row
-        cold &= drop_page_cache()
-        dd_w = dd_write_seconds(out, written)
-        startup = timed(startup_cmd(cmd), env)[0]
+        runs, dds, dd_ws, startups = [], [], [], []
+        for _ in range(a.repeat):  # pairs: the disk, then the command, each from a cold cache
+            cold &= drop_page_cache()
+            dds.append(dd_seconds(files))
+            cold &= drop_page_cache()
+            runs.append(timed(cmd, env))
+            written = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+            hashes[label] = {p.name: sha256_file(p) for p in sorted(target.rglob("*"))
+                             if p.is_file() and p.suffix in (".safetensors", ".distcp")}
+            shutil.rmtree(target)  # keeps the disk (and the page cache) for the next row
+            cold &= drop_page_cache()
+            dd_ws.append(dd_write_seconds(out, written))
+            startups.append(timed(startup_cmd(cmd), env)[0])
+        # The disk's best (what it gives), the command's median, peak RSS of the median run.
+        dd, dd_w, startup = min(dds), min(dd_ws), statistics.median(startups)
+        seconds, rss = sorted(runs)[(len(runs) - 1) // 2]
         table.append((label, nbytes, dd, seconds, rss, written, dd_w, startup))
         print(f"  {label}: {seconds:.1f} s (start-up {startup:.1f} s; dd read {dd:.1f} s, dd write {dd_w:.1f} s)", flush=True)
     state = "cold page cache (dropped before dd and before each command)" if cold else "WARM page cache (could not drop it)"
-    print(f"\n{state}; {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n{state}; {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+          f"load average at the end {load}; {a.repeat} run(s) per row\n")
     print("| command | GB read | GB written | dd read s (GB/s) | dd write s | seconds | start-up s | GB/s read "
           "(w/o start-up) | % of dd read (w/o start-up) | % of dd read + write (w/o start-up) | peak RSS GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -246,9 +257,10 @@ def main() -> None:
     if graft:
         total = qwen72b_graft_bytes()
         rate, dd_rate = graft[1] / (graft[3] - graft[7]), graft[1] / graft[2]
+        fraction = min(1.0, rate / dd_rate)
         print(f"\nQwen2.5-72B upcycled to 6 experts, bf16: a graft reads {total / 1e12:.2f} TB (B + I + M). At this run's "
               f"graft rate without start-up ({rate / 1e9:.2f} GB/s): {total / rate / 60:.0f} min; at the same "
-              f"{100 * rate / dd_rate:.0f} % of a 3 GB/s NVMe's read rate: {total / (3e9 * rate / dd_rate) / 60:.0f} min.")
+              f"{100 * fraction:.0f} % of a 3 GB/s NVMe's read rate: {total / (3e9 * fraction) / 60:.0f} min.")
     if a.hashes:
         a.hashes.write_text(json.dumps(hashes, indent=2) + "\n")
 
