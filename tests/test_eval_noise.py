@@ -171,3 +171,13 @@ def test_manual_passages_are_parallel_sized_and_shuffled():
     assert out["ru"][0]["text"] == "\n\n".join(["ру"] * 5) and out["es"][0]["lang"] == "es"
     with pytest.raises(DeltaMoEError, match="no page has the same paragraphs"):
         demo_data.manual_passages({"en": {"a.html": ["x"]}, "ru": {"a.html": ["x", "y"]}})
+
+
+def test_report_note_is_shown_and_a_changed_note_makes_the_pipeline_redo_the_report(tmp_path):
+    from deltamoe.recipes.pipeline import _report_current
+
+    folder = _eval_folder(tmp_path, "base", [("perplexity", "perplexity", "es", "in", [(_nats(2.0, 100), 100)])])
+    out = tmp_path / "report"
+    assert cli.main(["report", str(folder), "--out", str(out), "--note", "Budget: tiny."]) == 0
+    assert "**Budget: tiny.**" in (out / "report.md").read_text()
+    assert _report_current(out, [folder], "Budget: tiny.") and not _report_current(out, [folder], "Budget: other.")

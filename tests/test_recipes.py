@@ -86,6 +86,10 @@ def test_demo_recipe_runs_on_one_cpu_process_and_scales():
     for make in (demo.smollm2_135m_demo_stage2_cpu, demo.smollm2_135m_demo_dense_cpt_cpu):
         assert not any("manual" in d.prefix for d in make(cache="/cache").train.data_blend)
     assert demo.smollm2_135m_demo_stage1_cpu(scale=3, cache="/cache").train.iterations == 3 * recipe.train.iterations
+    for scale in (1, 4, 16):  # at most two ~7 GB checkpoints per stage, whatever the scale
+        for make in (demo.smollm2_135m_demo_stage1_cpu, demo.smollm2_135m_demo_stage2_cpu, demo.smollm2_135m_demo_dense_cpt_cpu):
+            t = make(scale=scale, cache="/cache").train
+            assert -(-t.iterations // t.save_interval) <= 2 and t.save_interval >= 5, (make.__name__, scale)
     assert "en" in {d.lang for d in demo.smollm2_135m_demo_stage2_cpu(cache="/cache").train.data_blend}
     with pytest.raises(DeltaMoEError, match="scale must be positive, got 0"):
         demo.smollm2_135m_demo_stage1_cpu(scale=0)

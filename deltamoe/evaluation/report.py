@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-allocation-map", default=None, metavar="JSON|FILE",
                         help="language -> experts map (as the trainer's flag); adds the share of routing on each "
                              "language's allocated experts per MoE model")
+    parser.add_argument("--note", default="", help="a sentence shown under the title (e.g. what the run's budget can "
+                                                    "and cannot show)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
 
@@ -230,7 +232,7 @@ def report_markdown(report: dict) -> str:
     summary = (f"Original languages: {', '.join(report['languages']['original']) or '–'}; "
                f"new languages: {', '.join(report['languages']['new']) or '–'}. "
                "Averages are means over languages; ↓ marks metrics where lower is better.")
-    out = ["# DeltaMoE evaluation report", "", summary, ""]
+    out = ["# DeltaMoE evaluation report", "", *([f"**{report['note']}**", ""] if report.get("note") else []), summary, ""]
     if len(report["suite_sha256"]) > 1:
         out += ["**Warning:** the results come from different suite files; averages may not be comparable.", ""]
     out += ["## Original vs new languages", "",
@@ -442,6 +444,7 @@ def main(args: argparse.Namespace) -> int:
 
         allocation = read_allocation_map(args.expert_allocation_map)
     report = build_report([load_results(p) for p in args.results], args.names, allocation)
+    report["note"] = args.note
     with atomic_output_dir(args.out, inputs=args.results, overwrite=args.overwrite) as tmp:
         plots = write_report(tmp, report)
     print(f"wrote {args.out}/report.md, report.json and {len(plots)} plots")

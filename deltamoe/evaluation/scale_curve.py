@@ -143,7 +143,9 @@ def plot_curve(result: dict, file: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     check_output_dir(args.out, inputs=args.runs, overwrite=args.overwrite)
     runs = sorted((read_run(Path(r)) for r in args.runs), key=lambda r: r["stage1_tokens"])
-    models = args.models or [m for m in ("base", "post", runs[0]["moe_label"], BASELINE)]
+    # By default the first MoE arm and the dense baseline, with base and post as references where every run has them.
+    models = args.models or [m for m in ("base", "post", runs[0]["moe_label"], BASELINE)
+                             if m not in ("base", "post") or all(m in run["evals"] for run in runs)]
     result = curve(runs, models)
     with atomic_output_dir(args.out, inputs=args.runs, overwrite=args.overwrite) as tmp:
         (tmp / "scale_curve.json").write_text(json.dumps(result, indent=2) + "\n")
