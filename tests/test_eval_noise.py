@@ -181,3 +181,15 @@ def test_report_note_is_shown_and_a_changed_note_makes_the_pipeline_redo_the_rep
     assert cli.main(["report", str(folder), "--out", str(out), "--note", "Budget: tiny."]) == 0
     assert "**Budget: tiny.**" in (out / "report.md").read_text()
     assert _report_current(out, [folder], "Budget: tiny.") and not _report_current(out, [folder], "Budget: other.")
+
+
+def test_scale_curve_reads_the_first_eval_folder_that_has_a_model(tmp_path):
+    from deltamoe.evaluation.scale_curve import read_run
+
+    run = _run(tmp_path / "s1", 10, {"deltamoe": 1.8}, n=2)
+    (run / "eval").rename(run / "eval-curve")
+    _eval_folder(run / "eval", "deltamoe", [("perplexity_manual", "perplexity", "es", "out", [(_nats(9.0, 100), 100)])])
+    evals = read_run(run, ("eval-curve", "eval"))["evals"]
+    assert evals["deltamoe"]["results"][0]["metrics"]["bits_per_byte"] == pytest.approx((3.0 + 1.8) / 2)
+    with pytest.raises(DeltaMoEError, match="no <model>/results.json under nowhere"):
+        read_run(run, ("nowhere",))

@@ -12,6 +12,7 @@ Writes scale_curve.md, scale_curve.json and scale_curve.png (one panel per group
 Example:
 
   deltamoe scale-curve runs/demo runs/demo-s4 runs/demo-s16 --out runs/scale-curve
+  deltamoe scale-curve runs/demo runs/demo-s4 --eval-dir eval-curve eval --out runs/scale-curve   # other evals first
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=None,
                         help="eval folder names to plot (default: the first MoE arm and dense-cpt+paramdelta, with "
                              "base and post as references)")
+    parser.add_argument("--eval-dir", nargs="+", default=["eval"], metavar="NAME",
+                        help="folders of a workdir holding <model>/results.json, searched in this order per model "
+                             "(default: eval, the pipeline's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
-def read_run(workdir: Path) -> dict:
+def read_run(workdir: Path, eval_dirs: tuple[str, ...] = ("eval",)) -> dict:
     """Stage-1 tokens, wall times and eval result documents of one pipeline workdir."""
     manifest_path = workdir / "manifest.json"
     if not manifest_path.is_file():
@@ -53,9 +57,13 @@ def read_run(workdir: Path) -> dict:
     dense_tokens = dense["train_iters"] * dense["global_batch_size"] * dense["seq_length"]
     if dense_tokens != tokens:
         raise DeltaMoEError(f"{manifest_path}: dense CPT trains {dense_tokens} tokens, stage 1 {tokens}: not comparable")
-    evals = {p.name: load_results(p) for p in sorted((workdir / "eval").glob("*")) if (p / "results.json").is_file()}
+    evals = {}
+    for folder in eval_dirs:  # the first folder that has a model wins
+        for p in sorted((workdir / folder).glob("*")):
+            if (p / "results.json").is_file() and p.name not in evals:
+                evals[p.name] = load_results(p)
     if not evals:
-        raise DeltaMoEError(f"{workdir}: no eval/<model>/results.json")
+        raise DeltaMoEError(f"{workdir}: no <model>/results.json under {', '.join(eval_dirs)}")
     seconds = {name: s.get("seconds") for name, s in manifest.get("stages", {}).items() if s.get("seconds") is not None}
     return {"workdir": str(workdir), "stage1_tokens": tokens, "moe_label": arm["label"], "evals": evals,
             "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}
@@ -142,7 +150,7 @@ def plot_curve(result: dict, file: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     check_output_dir(args.out, inputs=args.runs, overwrite=args.overwrite)
-    runs = sorted((read_run(Path(r)) for r in args.runs), key=lambda r: r["stage1_tokens"])
+    runs = sorted((read_run(Path(r), tuple(args.eval_dir)) for r in args.runs), key=lambda r: r["stage1_tokens"])
     # By default the first MoE arm and the dense baseline, with base and post as references where every run has them.
     models = args.models or [m for m in ("base", "post", runs[0]["moe_label"], BASELINE)
                              if m not in ("base", "post") or all(m in run["evals"] for run in runs)]
