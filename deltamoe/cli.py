@@ -49,6 +49,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("deltamoe.converters.merge", "dense merge baselines: ParamDelta, task arithmetic, TIES, DARE"),
     "eval": ("deltamoe.evaluation.runner", "score a Hugging Face checkpoint on a suite of local tasks"),
     "report": ("deltamoe.evaluation.report", "compare eval results of several models: Markdown, JSON and plots"),
+    "scale-curve": ("deltamoe.evaluation.scale_curve", "bits per byte against stage-1 tokens over pipeline runs of several sizes"),
     "pipeline": ("deltamoe.recipes.pipeline", "run a recipe end to end: import -> upcycle -> train -> export -> graft -> eval -> report"),
     "fetch-demo-assets": ("deltamoe.recipes.demo_assets", "fetch and verify the offline demo assets (SmolLM2, public texts)"),
     "env": ("deltamoe.megatron_ext.runtime.environment", "versions, devices, the layer spec `auto` picks and why (for bug reports)"),

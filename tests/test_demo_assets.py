@@ -300,6 +300,12 @@ def test_real_demo_data_counts(real_assets):
     assert counts["capitals-mc.en.jsonl"] == 213
     assert counts["faq-qa.en.heldout.jsonl"] == counts["faq-qa.ru.heldout.jsonl"] == 147 - counts["faq-sft.en.train.jsonl"]
     assert counts["en-kjv.heldout.jsonl"] == counts["es-rv1909.heldout.jsonl"]
+    # Out of domain: the aptitude manual's pages cut at the same paragraphs in the three languages.
+    assert counts["en-manual.ood.jsonl"] == counts["es-manual.ood.jsonl"] == counts["ru-manual.ood.jsonl"] == 160
+    ood = {lang: [json.loads(line)["id"] for line in (real_assets.data_dir / f"{lang}-manual.ood.jsonl").open(encoding="utf-8")]
+           for lang in ("en", "es", "ru")}
+    assert ood["en"] == ood["es"] == ood["ru"]
+    assert counts["es-fortunes.train.jsonl"] > 10 * counts["es-fortunes.heldout.jsonl"] > 0
     for name, n in counts.items():
         lines = (real_assets.data_dir / name).read_text(encoding="utf-8").splitlines()
         assert len(lines) == n > 0, name

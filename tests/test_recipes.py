@@ -78,8 +78,18 @@ def test_demo_recipe_runs_on_one_cpu_process_and_scales():
     assert recipe.parallel.world_size == 1 and flag(args, "--distributed-backend") == "gloo"
     assert "--untie-embeddings-and-output-weights" not in args and "--bf16" not in args
     assert flag(args, "--tokenizer-model") == "/cache/models/smollm2-135m-instruct"
-    assert flag(args, "--data-path", ) == "1.0" and "/cache/demo-data/indexed/es-rv1909.train" in args
+    # Spanish from two genres (Bible, fortunes), half the Spanish tokens each; Russian from fortunes.
+    assert flag(args, "--data-path", ) == "0.5" and "/cache/demo-data/indexed/es-rv1909.train" in args
+    assert {(d.prefix, d.weight, d.lang) for d in recipe.train.data_blend} == {
+        ("indexed/es-rv1909.train", 0.5, "es"), ("indexed/es-fortunes.train", 0.5, "es"), ("indexed/ru-fortunes.train", 1.0, "ru")}
+    # The out-of-domain genre (the aptitude manual) is in no training blend.
+    for make in (demo.smollm2_135m_demo_stage2_cpu, demo.smollm2_135m_demo_dense_cpt_cpu):
+        assert not any("manual" in d.prefix for d in make(cache="/cache").train.data_blend)
     assert demo.smollm2_135m_demo_stage1_cpu(scale=3, cache="/cache").train.iterations == 3 * recipe.train.iterations
+    for scale in (1, 4, 16):  # at most two ~7 GB checkpoints per stage, whatever the scale
+        for make in (demo.smollm2_135m_demo_stage1_cpu, demo.smollm2_135m_demo_stage2_cpu, demo.smollm2_135m_demo_dense_cpt_cpu):
+            t = make(scale=scale, cache="/cache").train
+            assert -(-t.iterations // t.save_interval) <= 2 and t.save_interval >= 5, (make.__name__, scale)
     assert "en" in {d.lang for d in demo.smollm2_135m_demo_stage2_cpu(cache="/cache").train.data_blend}
     with pytest.raises(DeltaMoEError, match="scale must be positive, got 0"):
         demo.smollm2_135m_demo_stage1_cpu(scale=0)

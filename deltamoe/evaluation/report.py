@@ -11,6 +11,12 @@ adds, for each MoE model and language, the share of top-k choices that land on t
 (mean over layers), measured on untagged text: how well the router alone follows the allocation (docs/allocation.md).
 With several MoE models, plots/routing_compare.png puts their layer x expert heatmaps side by side on one scale.
 
+Perplexity tasks marked with a `domain` in the suite ("in": held-out text of the training genres, "out": another
+genre) get a table of bits per byte by domain, side by side. Every bits-per-byte task (perplexity, qa_loglik) whose
+per-example samples are in the eval folders gets its noise: n, a 95% percentile bootstrap interval per model (1000
+resamples, fixed seed) and each model's paired difference from the first model with its interval
+(deltamoe/evaluation/bootstrap.py).
+
 Example:
 
   deltamoe report runs/eval_base runs/eval_dense_paramdelta runs/eval_deltamoe --out runs/report \\
@@ -39,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-allocation-map", default=None, metavar="JSON|FILE",
                         help="language -> experts map (as the trainer's flag); adds the share of routing on each "
                              "language's allocated experts per MoE model")
+    parser.add_argument("--note", default="", help="a sentence shown under the title (e.g. what the run's budget can "
+                                                    "and cannot show)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
 
@@ -55,6 +63,7 @@ def load_results(path: str | Path) -> dict:
         if key not in doc:
             raise DeltaMoEError(f"{file}: missing field {key!r}; is it a `deltamoe eval` results.json?")
     doc["_file"] = str(file)
+    doc["_samples_dir"] = str(file.parent / "samples")
     return doc
 
 
@@ -91,6 +100,70 @@ def allocated_shares(routing: dict[str, dict[str, list[list[float]]]], allocatio
                 allowed = checked.allowed_experts(lang)
                 out.setdefault(model, {})[lang] = sum(sum(row[e] for e in allowed) for row in table) / len(table)
     return out
+
+
+BITS_PER_BYTE_TASKS = ("perplexity", "qa_loglik")
+
+
+def _read_samples(doc: dict, task: str, language: str) -> dict[int, dict] | None:
+    """line -> sample of one task x language of one eval folder, None when the samples file is absent."""
+    if "_samples_dir" not in doc:
+        return None
+    path = Path(doc["_samples_dir"]) / f"{task}_{language}.jsonl"
+    if not path.is_file():
+        return None
+    samples = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DeltaMoEError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            samples[record.get("line", n)] = record
+    return samples
+
+
+def noise_rows(docs: list[dict], names: list[str]) -> list[dict]:
+    """Per bits-per-byte task x language: n, each model's value and 95% interval, and its paired difference from the
+    first model (the examples all models share; a model without samples is left out of that row)."""
+    from deltamoe.evaluation import bootstrap
+
+    keys = list(dict.fromkeys((r["task"], r["language"]) for d in docs for r in d["results"]
+                              if r["type"] in BITS_PER_BYTE_TASKS))
+    rows = []
+    for task, language in keys:
+        per_model = {name: _read_samples(doc, task, language) for name, doc in zip(names, docs)}
+        per_model = {name: s for name, s in per_model.items() if s}
+        if not per_model:
+            continue
+        lines = sorted(set.intersection(*(set(s) for s in per_model.values())))
+        if not lines:
+            continue
+        series = {name: bootstrap.bits_per_byte_samples([s[line] for line in lines]) for name, s in per_model.items()}
+        reference = names[0] if names[0] in series else None
+        models = {}
+        for name, (bits, sizes) in series.items():
+            entry = {"bits_per_byte": sum(bits) / sum(sizes), "interval": list(bootstrap.ratio_interval(bits, sizes))}
+            if reference is not None and name != reference:
+                ref_bits, ref_sizes = series[reference]
+                entry["difference"] = entry["bits_per_byte"] - sum(ref_bits) / sum(ref_sizes)
+                entry["difference_interval"] = list(bootstrap.paired_difference_interval(ref_bits, ref_sizes, bits, sizes))
+            models[name] = entry
+        rows.append({"task": task, "language": language, "n": len(lines), "reference": reference, "models": models,
+                     "resamples": bootstrap.RESAMPLES, "seed": bootstrap.SEED, "level": bootstrap.LEVEL})
+    return rows
+
+
+def domain_table(docs: list[dict], names: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """domain ("in"/"out") -> model -> language -> bits per byte (mean over that domain's perplexity tasks)."""
+    collected: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for name, doc in zip(names, docs):
+        for r in doc["results"]:
+            if r["type"] == "perplexity" and r.get("domain") and "bits_per_byte" in r["metrics"]:
+                collected.setdefault(r["domain"], {}).setdefault(name, {}).setdefault(r["language"], []).append(
+                    r["metrics"]["bits_per_byte"])
+    return {domain: {name: {lang: sum(v) / len(v) for lang, v in by_lang.items()} for name, by_lang in models.items()}
+            for domain, models in sorted(collected.items())}
 
 
 def build_report(docs: list[dict], names: list[str] | None = None, allocation: dict | None = None) -> dict:
@@ -141,6 +214,7 @@ def build_report(docs: list[dict], names: list[str] | None = None, allocation: d
                                 "routing task)")
         allocated = {"map": allocation, "share": allocated_shares(routing, allocation)}
     return {"models": names, "languages": {"original": original, "new": new}, "tasks": tasks, "rows": rows,
+            "domains": domain_table(docs, names), "noise": noise_rows(docs, names),
             "routing": routing, "allocation": allocated, "inputs": [{"name": n, "results": d["_file"], "model": d["model"].get("path"),
                                             "model_hashes": d["model"].get("hashes")} for n, d in zip(names, docs)],
             "suite_sha256": suites}
@@ -158,7 +232,7 @@ def report_markdown(report: dict) -> str:
     summary = (f"Original languages: {', '.join(report['languages']['original']) or '–'}; "
                f"new languages: {', '.join(report['languages']['new']) or '–'}. "
                "Averages are means over languages; ↓ marks metrics where lower is better.")
-    out = ["# DeltaMoE evaluation report", "", summary, ""]
+    out = ["# DeltaMoE evaluation report", "", *([f"**{report['note']}**", ""] if report.get("note") else []), summary, ""]
     if len(report["suite_sha256"]) > 1:
         out += ["**Warning:** the results come from different suite files; averages may not be comparable.", ""]
     out += ["## Original vs new languages", "",
@@ -180,9 +254,61 @@ def report_markdown(report: dict) -> str:
             cells = " | ".join(_fmt(row["per_language"].get(lang)) for lang in langs)
             out.append(f"| {m} | {cells} | {_fmt(row['original_avg'])} | {_fmt(row['new_avg'])} |")
         out.append("")
+    if report.get("domains"):
+        out += _domains_markdown(report)
+    if report.get("noise"):
+        out += _noise_markdown(report)
     if report.get("allocation"):
         out += _allocation_markdown(report["allocation"], langs)
     return "\n".join(out)
+
+
+def _domains_markdown(report: dict) -> list[str]:
+    domains = report["domains"]
+    original, new = report["languages"]["original"], report["languages"]["new"]
+    title = {"in": "in domain", "out": "out of domain"}
+    columns = [(lang, d) for lang in original + new for d in domains]
+    out = ["## Held-out text: in domain vs out of domain (bits per byte ↓)", "",
+           "In domain: held-out passages of the training genres; out of domain: another genre that no stage trained "
+           "on. A gain in domain only is the register of the training texts; a gain out of domain is the language.", "",
+           "| model | " + " | ".join(f"{lang} {title.get(d, d)}" for lang, d in columns)
+           + " | " + " | ".join(f"new avg {title.get(d, d)}" for d in domains) + " |",
+           "|---|" + "---|" * (len(columns) + len(domains))]
+    for m in report["models"]:
+        cells = [_fmt(domains[d].get(m, {}).get(lang)) for lang, d in columns]
+        avgs = [_fmt(_mean([domains[d][m][lang] for lang in new if lang in domains[d].get(m, {})])) for d in domains]
+        out.append(f"| {m} | " + " | ".join(cells + avgs) + " |")
+    return out + [""]
+
+
+def _interval(lo: float, hi: float, signed: bool = False) -> str:
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"[{f.format(lo)}, {f.format(hi)}]"
+
+
+def _noise_markdown(report: dict) -> list[str]:
+    rows = report["noise"]
+    models = report["models"]
+    reference = rows[0]["reference"]
+    out = ["## Noise: bits per byte with 95% bootstrap intervals", "",
+           f"Percentile bootstrap over examples ({rows[0]['resamples']} resamples, seed {rows[0]['seed']}); "
+           f"Δ is each model minus {reference or 'the first model'} on the same examples, its interval from paired "
+           "resamples: an interval that contains 0 is no measured effect.", "",
+           "| task | language | n | " + " | ".join(models) + " | " + " | ".join(f"Δ {m}" for m in models if m != reference)
+           + " |", "|---|---|---|" + "---|" * (len(models) * 2 - (reference is not None))]
+    for row in rows:
+        cells = []
+        for m in models:
+            e = row["models"].get(m)
+            cells.append(f"{e['bits_per_byte']:.3f} {_interval(*e['interval'])}" if e else "–")
+        for m in models:
+            if m == reference:
+                continue
+            e = row["models"].get(m)
+            cells.append(f"{e['difference']:+.3f} {_interval(*e['difference_interval'], signed=True)}"
+                         if e and "difference" in e else "–")
+        out.append(f"| {row['task']} | {row['language']} | {row['n']} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _allocation_markdown(allocation: dict, langs: list[str]) -> list[str]:
@@ -318,6 +444,7 @@ def main(args: argparse.Namespace) -> int:
 
         allocation = read_allocation_map(args.expert_allocation_map)
     report = build_report([load_results(p) for p in args.results], args.names, allocation)
+    report["note"] = args.note
     with atomic_output_dir(args.out, inputs=args.results, overwrite=args.overwrite) as tmp:
         plots = write_report(tmp, report)
     print(f"wrote {args.out}/report.md, report.json and {len(plots)} plots")

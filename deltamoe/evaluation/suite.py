@@ -13,7 +13,7 @@ languages:
 language_names: {en: English, es: Spanish, ru: Russian}   # optional; used in translation prompts
 defaults: {num_fewshot: 0, limit: 100}                      # optional; any task field
 tasks:
-  - {type: perplexity, language: es, data: examples/text_es.jsonl}
+  - {type: perplexity, language: es, data: examples/text_es.jsonl}   # optional: domain: in | out
   - {name: arc, type: multiple_choice, format: arc, language: es, data: examples/arc_es.jsonl, num_fewshot: 1}
   - {name: flores, type: translation, source_language: en, language: es, data: examples/flores_en_es.tsv}
   - {type: instruction_following, language: es, data: examples/ifeval_es.jsonl, chat_template: true}
@@ -38,6 +38,7 @@ from deltamoe.common.errors import DeltaMoEError
 
 TASK_TYPES = ("perplexity", "multiple_choice", "translation", "instruction_following", "qa_loglik", "routing")
 MC_FORMATS = ("arc", "hellaswag", "mmlu", "belebele")
+DOMAINS = ("", "in", "out")
 
 
 @dataclass(kw_only=True)
@@ -68,6 +69,9 @@ class TaskSpec:
     """instruction_following, qa_loglik: wrap the prompt in the tokenizer's chat template (error if it has none)."""
     bleu_tokenize: str = "13a"
     """translation: sacrebleu BLEU tokenizer (13a; zh for Chinese, char for other unsegmented scripts)."""
+    domain: str = ""
+    """perplexity: "in" (held-out text of the training genres) or "out" (another genre, never trained on); the
+    report then shows the two kinds side by side. Empty: not part of that comparison."""
 
     def __post_init__(self):
         if self.type not in TASK_TYPES:
@@ -84,6 +88,10 @@ class TaskSpec:
             raise DeltaMoEError(f"task {self.key}: format {self.format!r} is unknown; expected one of {', '.join(MC_FORMATS)}")
         if self.type == "translation" and not self.source_language:
             raise DeltaMoEError(f"task {self.key}: translation needs source_language")
+        if self.domain not in DOMAINS:
+            raise DeltaMoEError(f"task {self.key}: domain must be one of {', '.join(map(repr, DOMAINS))}, got {self.domain!r}")
+        if self.domain and self.type != "perplexity":
+            raise DeltaMoEError(f"task {self.key}: domain is for perplexity tasks, not {self.type}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise DeltaMoEError(f"task {self.key}: max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
 

@@ -8,11 +8,14 @@ Each reader turns one on-disk format into plain Python records and knows nothing
 - the Debian FAQ plain-text rendering (`debian-faq`, `debian-faq-ru`, ...): numbered sections as question/answer
   pairs, keyed by section number so that translations pair up.
 - bsdgames `quiz` files: `question:answer` lines with the quiz game's `{optional}` / `[alt|alt]` / `a|b` syntax.
+- DocBook HTML manuals (`aptitude-doc-en`, `-es`, `-ru`): the prose paragraphs of each page, navigation and
+  screen/program listings left out; the translations keep the English file names, so pages pair up by name.
 """
 
 from __future__ import annotations
 
 import gzip
+import html.parser
 import os
 import re
 import struct
@@ -242,3 +245,65 @@ def read_quiz(path: str | os.PathLike) -> list[tuple[str, str]]:
             raise DeltaMoEError(f"quiz file {path}, line {n}: expected 'question:answer', got {line!r}")
         pairs.append((quiz_choice(fields[0], prefer="longest"), quiz_choice(fields[1], prefer="first")))
     return pairs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DocBook HTML manuals
+class _ProseParagraphs(html.parser.HTMLParser):
+    """Text of every <p> outside navigation bars (<div class="nav...">) and verbatim blocks (<pre>: commands, screens)."""
+
+    _SKIPPED = ("pre", "script", "style", "head")
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.paragraphs: list[str] = []
+        self._current: list[str] | None = None
+        self._skip = 0
+        self._divs: list[bool] = []  # per open <div>: is it navigation?
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "div":
+            nav = (dict(attrs).get("class") or "").startswith("nav")
+            self._divs.append(nav)
+            self._skip += nav
+        elif tag in self._SKIPPED:
+            self._skip += 1
+        elif tag == "p" and not self._skip:
+            self._current = []
+
+    def handle_endtag(self, tag):
+        if tag == "div" and self._divs:
+            self._skip -= self._divs.pop()
+        elif tag in self._SKIPPED:
+            self._skip = max(0, self._skip - 1)
+        elif tag == "p" and self._current is not None:
+            text = " ".join("".join(self._current).split())
+            if text:
+                self.paragraphs.append(text)
+            self._current = None
+
+    def handle_data(self, data):
+        if self._current is not None and not self._skip:
+            self._current.append(data)
+
+
+def html_paragraphs(markup: str) -> list[str]:
+    """Prose paragraphs of one HTML page, whitespace collapsed (entities decoded)."""
+    parser = _ProseParagraphs()
+    parser.feed(markup)
+    parser.close()
+    return parser.paragraphs
+
+
+def read_html_manual(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Page file name -> prose paragraphs, for every `*.html` page of a manual folder that has any prose."""
+    folder = Path(folder)
+    pages = sorted(folder.glob("*.html"))
+    if not pages:
+        raise DeltaMoEError(f"HTML manual {folder}: no .html pages")
+    out = {}
+    for page in pages:
+        paragraphs = html_paragraphs(page.read_text(encoding="utf-8", errors="replace"))
+        if paragraphs:
+            out[page.name] = paragraphs
+    return out

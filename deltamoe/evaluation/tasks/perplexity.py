@@ -4,7 +4,8 @@ Data (JSONL or TSV): one document per record, column `text` (string).
 
 Token perplexity depends on the tokenizer, so it cannot compare languages (or models with different tokenizers);
 bits per byte can: total negative log-likelihood in bits divided by the UTF-8 bytes of the text (as in the Pile
-paper, Gao et al. 2020, and lm-eval's `bits_per_byte`). Corpus-level: sums over all documents, then one division.
+paper, Gao et al. 2020, and lm-eval's `bits_per_byte`). Corpus-level: sums over all documents, then one division;
+`details.bootstrap` holds its 95% percentile bootstrap interval over documents (deltamoe/evaluation/bootstrap.py).
 Every token is predicted once with lm-eval's rolling windows (see `TokenizedBackend.rolling_windows`).
 """
 
@@ -15,6 +16,7 @@ import math
 from nltk.tokenize import RegexpTokenizer
 
 from deltamoe.common.errors import DeltaMoEError
+from deltamoe.evaluation.bootstrap import interval_record
 from deltamoe.evaluation.tasks.common import load_examples, task_result
 
 REQUIRED = {"text": str}
@@ -49,5 +51,5 @@ def evaluate(spec, backend, suite) -> dict:
     samples = [{"line": ex["_line"], "logprob": lp, "tokens": n, "bytes": len(ex["text"].encode("utf-8"))}
                for ex, lp, n in zip(examples, doc_logprob, doc_tokens)]
     details = {"total_logprob": total_lp, "total_tokens": total_tokens, "total_bytes": total_bytes,
-               "total_words": total_words}
+               "total_words": total_words, "bootstrap": interval_record(samples)}
     return task_result(spec, suite, metrics=metrics, num_examples=len(examples), samples=samples, details=details)

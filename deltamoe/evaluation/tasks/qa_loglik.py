@@ -7,7 +7,8 @@ Boundary tokenization follows lm-eval (see `TokenizedBackend.encode_pair`).
 
 Metrics: `loglik` (mean summed log-likelihood per answer, nats), `bits_per_byte` (all answers together: -sum log p
 in bits / UTF-8 bytes of the answers, comparable across languages and tokenizers) and `greedy_acc` (share of answers
-that greedy decoding would reproduce token for token).
+that greedy decoding would reproduce token for token). `details.bootstrap`: the 95% percentile bootstrap interval of
+bits per byte over answers (deltamoe/evaluation/bootstrap.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 
 from deltamoe.common.errors import DeltaMoEError
+from deltamoe.evaluation.bootstrap import interval_record
 from deltamoe.evaluation.tasks.common import load_examples, task_result
 
 REQUIRED = {"question": str, "answer": str}
@@ -38,5 +40,7 @@ def evaluate(spec, backend, suite) -> dict:
         "bits_per_byte": -total_lp / (math.log(2) * total_bytes),
         "greedy_acc": sum(g for _, g in results) / len(examples),
     }
-    samples = [{"line": ex["_line"], "loglik": lp, "greedy": g} for ex, (lp, g) in zip(examples, results)]
-    return task_result(spec, suite, metrics=metrics, num_examples=len(examples), samples=samples)
+    samples = [{"line": ex["_line"], "loglik": lp, "greedy": g, "bytes": len(cont.encode("utf-8"))}
+               for ex, (lp, g), (_, cont) in zip(examples, results, pairs)]
+    return task_result(spec, suite, metrics=metrics, num_examples=len(examples), samples=samples,
+                       details={"bootstrap": interval_record(samples)})
