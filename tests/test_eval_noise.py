@@ -193,3 +193,34 @@ def test_scale_curve_reads_the_first_eval_folder_that_has_a_model(tmp_path):
     assert evals["deltamoe"]["results"][0]["metrics"]["bits_per_byte"] == pytest.approx((3.0 + 1.8) / 2)
     with pytest.raises(DeltaMoEError, match="no <model>/results.json under nowhere"):
         read_run(run, ("nowhere",))
+
+
+def test_scale_curve_joins_an_earlier_curve_only_on_the_same_examples(tmp_path, capsys):
+    models = {"base": 2.0, "post": 2.0, "deltamoe": 1.8, "dense-cpt+paramdelta": 1.9}
+    small = _run(tmp_path / "s1", 10, models, n=2)
+    assert cli.main(["scale-curve", str(small), "--out", str(tmp_path / "c1")]) == 0
+    earlier = tmp_path / "c1" / "scale_curve.json"
+    large = _run(tmp_path / "s16", 160, {**models, "deltamoe": 1.2, "dense-cpt+paramdelta": 1.3}, n=2)
+    out = tmp_path / "c2"
+    assert cli.main(["scale-curve", str(large), "--earlier", str(earlier), "--out", str(out)]) == 0
+    result = json.loads((out / "scale_curve.json").read_text())
+    assert [r["stage1_tokens"] for r in result["runs"]] == [10 * 1024, 160 * 1024]
+    points = {(p["stage1_tokens"], p["model"]): p["values"]["new/out"] for p in result["points"]}
+    assert points[(10 * 1024, "deltamoe")] == pytest.approx((3.0 + 1.8) / 2)
+    assert points[(160 * 1024, "deltamoe")] == pytest.approx((3.0 + 1.2) / 2)
+    assert result["lines"] == {"perplexity_manual/es": [1, 2]}
+
+    wider = _run(tmp_path / "s4", 40, models, n=3)  # evaluated on 3 examples, the earlier curve on 2
+    capsys.readouterr()
+    assert cli.main(["scale-curve", str(wider), "--earlier", str(earlier), "--out", str(tmp_path / "c3")]) == 1
+    assert ("c1/scale_curve.json: computed on examples {'perplexity_manual/es': 2}, these runs share "
+            "{'perplexity_manual/es': 3}: evaluate them with the same tasks and --limit") in capsys.readouterr().err
+    assert not (tmp_path / "c3").exists()
+    moved = json.loads(earlier.read_text())
+    moved["lines"] = {"perplexity_manual/es": [1, 3]}
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    assert cli.main(["scale-curve", str(large), "--earlier", str(tmp_path / "moved.json"), "--out", str(tmp_path / "c4")]) == 1
+    assert "moved.json: computed on other example lines of perplexity_manual/es" in capsys.readouterr().err
+    assert cli.main(["scale-curve", str(small), "--earlier", str(earlier), "--out", str(tmp_path / "c5")]) == 1
+    assert f"c1/scale_curve.json: already has the run {small}" in capsys.readouterr().err
+    assert not any((tmp_path / c).exists() for c in ("c4", "c5"))

@@ -149,6 +149,20 @@ def test_streamed_merge_equals_whole_tensor_arithmetic(tmp_path, small_blocks, m
     assert [m["sha256"] for m in manifest["inputs"]["models"]] == [sha256_dir(a), sha256_dir(c)]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ties_of_three_models_in_row_blocks_equals_whole_tensor_ties(tmp_path, small_blocks, dtype):
+    # Sign election and the disjoint mean reduce over the models: row blocks must sum them as the whole tensor does.
+    # float32: the trim must not subtract in place from the model's own tensor (it reads the kept entries again).
+    base = rewrite(make_tiny_hf("llama", tmp_path / "B", seed=1), dtype)
+    models = [rewrite(perturbed_copy(base, tmp_path / f"M{k}", seed=5 + k), dtype) for k in range(3)]
+    weights = [0.7, 0.4, 1.3]
+    merge_models(method="ties", base=base, models=models, out=tmp_path / "O", weights=weights, density=0.3)
+    b_t, *m_t = (SafetensorsReader(f).read_all() for f in (base, *models))
+    expected = {name: combine("ties", name, bt.float(), [t[name].float() for t in m_t], weights, density=0.3)
+                .to(bt.dtype) for name, bt in b_t.items()}
+    assert_same_tensors(tmp_path / "O", expected)
+
+
 def reference_upcycle_files(dense: Path, out: Path, plan: UpcyclePlan, max_shard_bytes: int) -> dict[str, str]:
     """The HF upcycle as it was written before planned shards: ShardWriter, tensors in reading order."""
     from deltamoe.converters.hf_moe_layout import format_for_dense, parse_dense_name
@@ -244,6 +258,10 @@ def test_folder_hasher_equals_sha256_dir_and_stays_within_its_lookahead(tmp_path
         assert sorted(hasher._hashes) == ["config.json", reader.shards[0], "model.safetensors.index.json"]
         assert reader.shard_of("t2") == reader.shards[2]
         reader.get("t2")  # starts the third shard and waits for its bytes; the thread may now read the fourth
+        # get() returns once the bytes are read; the file's digest is recorded a moment later, after its last chunk.
+        while reader.shards[2] not in hasher._hashes and time.monotonic() < deadline + 10:
+            time.sleep(0.01)
+        time.sleep(0.1)
         assert reader.shards[2] in hasher._hashes and reader.shards[4] not in hasher._hashes
         assert hasher.result() == sha256_dir(tmp_path)
 

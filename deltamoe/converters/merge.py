@@ -253,7 +253,8 @@ def _merge_tensor(method: str, name: str, b: torch.Tensor, ts: list[torch.Tensor
     """Merge one tensor's rows within the base vocabulary into `out` (the model's dtype).
 
     Task arithmetic and ParamDelta are element-wise: row blocks with the very operations of their `combine_*`
-    function. TIES and DARE need the whole tensor (magnitude ranks, one random stream per tensor): `combine` on it.
+    function. TIES ranks magnitudes over the whole tensor (`_ties_into`: whole task vectors one at a time, the rest in
+    row blocks); DARE draws one random stream per tensor: `combine` on the whole tensor.
     """
     rows = b.shape[0]
     if method in BLOCKWISE_METHODS:
@@ -271,7 +272,40 @@ def _merge_tensor(method: str, name: str, b: torch.Tensor, ts: list[torch.Tensor
     check_finite(b, name, base)
     for t, m in zip(ts, models):
         check_finite(t, name, m)
+    if method == "ties":
+        _ties_into(out[:rows], b, [t[:rows] for t in ts], weights, density)
+        return
     out[:rows].copy_(combine(method, name, b.float(), [t[:rows].float() for t in ts], weights, density=density, seed=seed))
+
+
+def _ties_into(out: torch.Tensor, b: torch.Tensor, ts: list[torch.Tensor], weights: list[float], density: float) -> None:
+    """`combine_ties` with few whole float32 tensors alive at once, bit-identical to it.
+
+    The trim ranks each whole task vector (one top-k over the tensor): one model at a time, on a magnitude tensor made
+    in place and freed before the kept entries are recomputed from the inputs (the same subtraction, so the same bits).
+    Sign election and the disjoint mean are element-wise over models: row blocks, with the very function
+    `combine_ties` calls, written straight into `out`.
+    """
+    trimmed = [_trimmed_task_vector(t, b, density) for t in ts]
+    base = b.float()
+    for start, stop in row_blocks(b.shape[0], b[0].numel() if b.ndim > 1 else 1):
+        out[start:stop].copy_(base[start:stop] + _disjoint_mean([d[start:stop] for d in trimmed], weights))
+
+
+def _trimmed_task_vector(t: torch.Tensor, b: torch.Tensor, density: float) -> torch.Tensor:
+    """`trim_by_magnitude(t.float() - b.float(), density)` in float32, holding one whole float32 tensor during the top-k."""
+    k = int(round(density * b.numel()))
+    delta = t.to(torch.float32, copy=True)  # a copy even when t is float32: t is read again below
+    delta.sub_(b.float())  # t.float() - b.float(), in place
+    if k >= b.numel():
+        return delta
+    if k == 0:
+        return torch.zeros(b.shape, dtype=torch.float32)
+    idx = torch.topk(delta.abs_().view(-1), k).indices  # ranks |t - b|; the values are dropped at once
+    del delta
+    trimmed_flat = torch.zeros(b.numel(), dtype=torch.float32)
+    trimmed_flat[idx] = t.reshape(-1)[idx].float() - b.reshape(-1)[idx].float()
+    return trimmed_flat.view(b.shape)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,11 @@ Example:
 
   deltamoe scale-curve runs/demo runs/demo-s4 runs/demo-s16 --out runs/scale-curve
   deltamoe scale-curve runs/demo runs/demo-s4 --eval-dir eval-curve eval --out runs/scale-curve   # other evals first
+  deltamoe scale-curve runs/demo-s16 --earlier docs/scale-curve/scale_curve.json --out runs/scale-curve
+
+--earlier adds the runs and points of an earlier scale_curve.json (whose workdirs may be gone) as they are; it is
+refused unless the new runs share exactly the examples it was computed on (the same task x language keys and, per
+key, the same example lines, or for a file that predates recorded lines the same count: the same `--limit`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-dir", nargs="+", default=["eval"], metavar="NAME",
                         help="folders of a workdir holding <model>/results.json, searched in this order per model "
                              "(default: eval, the pipeline's)")
+    parser.add_argument("--earlier", type=Path, default=None, metavar="SCALE_CURVE_JSON",
+                        help="an earlier scale_curve.json whose runs and points join this curve (same examples)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
@@ -102,7 +109,33 @@ def curve(runs: list[dict], models: list[str]) -> dict:
             points.append({"run": run["workdir"], "model": m, "stage1_tokens": run["stage1_tokens"],
                            "values": {k: sum(v) / len(v) for k, v in sorted(values.items())}})
     return {"models": models, "examples": {f"{t}/{lang}": len(v) for (t, lang), v in shared.items()},
+            "lines": {f"{t}/{lang}": v for (t, lang), v in shared.items()},
             "runs": [{k: v for k, v in run.items() if k != "evals"} for run in runs], "points": points}
+
+
+def join_earlier(result: dict, earlier: dict, source: Path) -> dict:
+    """result with an earlier curve's runs and points first, refused unless both were computed on the same examples."""
+    for field in ("models", "examples", "runs", "points"):
+        if field not in earlier:
+            raise DeltaMoEError(f"{source}: no '{field}' (expected a `deltamoe scale-curve` scale_curve.json)")
+    if earlier["examples"] != result["examples"]:
+        raise DeltaMoEError(f"{source}: computed on examples {earlier['examples']}, these runs share "
+                            f"{result['examples']}: evaluate them with the same tasks and --limit")
+    if "lines" in earlier and earlier["lines"] != result["lines"]:
+        differ = [k for k in result["lines"] if earlier["lines"].get(k) != result["lines"][k]]
+        raise DeltaMoEError(f"{source}: computed on other example lines of {', '.join(differ)}")
+    missing = [m for m in result["models"] if m not in earlier["models"]]
+    if missing:
+        raise DeltaMoEError(f"{source}: has no points for {missing} (has {earlier['models']}); choose --models")
+    known = {r["workdir"] for r in earlier["runs"]}
+    again = [r["workdir"] for r in result["runs"] if r["workdir"] in known]
+    if again:
+        raise DeltaMoEError(f"{source}: already has the run {again[0]}")
+    points = [p for p in earlier["points"] if p["model"] in result["models"]] + result["points"]
+    runs = sorted(earlier["runs"] + result["runs"], key=lambda r: r["stage1_tokens"])
+    order = {r["workdir"]: i for i, r in enumerate(runs)}
+    return {**result, "runs": runs, "points": sorted(points, key=lambda p: order[p["run"]]),
+            "earlier": str(source)}
 
 
 def curve_markdown(result: dict) -> str:
@@ -155,9 +188,15 @@ def main(args: argparse.Namespace) -> int:
     models = args.models or [m for m in ("base", "post", runs[0]["moe_label"], BASELINE)
                              if m not in ("base", "post") or all(m in run["evals"] for run in runs)]
     result = curve(runs, models)
+    if args.earlier is not None:
+        try:
+            earlier = json.loads(args.earlier.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DeltaMoEError(f"--earlier {args.earlier}: not a readable scale_curve.json ({e})") from None
+        result = join_earlier(result, earlier, args.earlier)
     with atomic_output_dir(args.out, inputs=args.runs, overwrite=args.overwrite) as tmp:
         (tmp / "scale_curve.json").write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "scale_curve.md").write_text(curve_markdown(result))
         plot_curve(result, tmp / "scale_curve.png")
-    print(f"wrote {args.out}/scale_curve.md, scale_curve.json and scale_curve.png ({len(runs)} runs)")
+    print(f"wrote {args.out}/scale_curve.md, scale_curve.json and scale_curve.png ({len(result['runs'])} runs)")
     return 0
