@@ -163,6 +163,20 @@ def test_ties_of_three_models_in_row_blocks_equals_whole_tensor_ties(tmp_path, s
     assert_same_tensors(tmp_path / "O", expected)
 
 
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dare_in_row_blocks_equals_whole_tensor_dare(tmp_path, small_blocks, method, dtype):
+    # Each block draws the next stretch of its tensor's random stream: the drop mask must be the whole tensor's.
+    base = rewrite(make_tiny_hf("llama", tmp_path / "B", seed=1), dtype)
+    models = [rewrite(perturbed_copy(base, tmp_path / f"M{k}", seed=5 + k), dtype) for k in range(2)]
+    weights = [0.7, 1.3]
+    merge_models(method=method, base=base, models=models, out=tmp_path / "O", weights=weights, density=0.4, seed=11)
+    b_t, *m_t = (SafetensorsReader(f).read_all() for f in (base, *models))
+    expected = {name: combine(method, name, bt.float(), [t[name].float() for t in m_t], weights, density=0.4, seed=11)
+                .to(bt.dtype) for name, bt in b_t.items()}
+    assert_same_tensors(tmp_path / "O", expected)
+
+
 def reference_upcycle_files(dense: Path, out: Path, plan: UpcyclePlan, max_shard_bytes: int) -> dict[str, str]:
     """The HF upcycle as it was written before planned shards: ShardWriter, tensors in reading order."""
     from deltamoe.converters.hf_moe_layout import format_for_dense, parse_dense_name

@@ -43,7 +43,9 @@ from deltamoe.converters.safetensors_io import PlannedShardWriter, SafetensorsRe
 log = logging.getLogger(__name__)
 METHODS = ("param_delta", "task_arithmetic", "ties", "dare_ties", "dare_linear")
 BLOCKWISE_METHODS = ("task_arithmetic", "param_delta")
-"""Element-wise methods, computed in row blocks; TIES and DARE need whole tensors (magnitude ranks, random streams)."""
+"""Element-wise methods, computed in row blocks; TIES ranks magnitudes over whole tensors."""
+DARE_METHODS = ("dare_linear", "dare_ties")
+"""Row blocks too, each model's random stream carried from block to block by one generator per tensor."""
 ARCHITECTURE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                        "num_key_value_heads")
 
@@ -148,12 +150,19 @@ def combine(method: str, name: str, base: torch.Tensor, models: list[torch.Tenso
         return combine_param_delta(base, models, weights)
     if method == "ties":
         return combine_ties(base, models, weights, density)
-    deltas = [dare_drop(m - base, density, tensor_generator(seed, name, k)) for k, m in enumerate(models)]
+    if method in DARE_METHODS:
+        generators = [tensor_generator(seed, name, k) for k in range(len(models))]
+        return _combine_dare(method, base, models, weights, density, generators)
+    raise DeltaMoEError(f"--method: unknown method {method!r} (expected one of {METHODS})")
+
+
+def _combine_dare(method: str, base: torch.Tensor, models: list[torch.Tensor], weights: list[float], density: float,
+                  generators: list[torch.Generator]) -> torch.Tensor:
+    """DARE on a tensor or on consecutive row blocks of one: `generators` (one per model) carry the stream on."""
+    deltas = [dare_drop(m - base, density, g) for m, g in zip(models, generators)]
     if method == "dare_linear":
         return base + sum(w * d for d, w in zip(deltas, weights))
-    if method == "dare_ties":
-        return base + _disjoint_mean(deltas, weights)
-    raise DeltaMoEError(f"--method: unknown method {method!r} (expected one of {METHODS})")
+    return base + _disjoint_mean(deltas, weights)
 
 
 # ---- streaming driver -----------------------------------------------------------------------------------------------
@@ -194,7 +203,7 @@ def merge_models(*, method: str, base: Path, models: list[Path], out: Path, weig
                            for r in readers]
             writer = PlannedShardWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
             try:
-                with one_torch_thread() if method in BLOCKWISE_METHODS else contextlib.nullcontext():
+                with one_torch_thread() if method in (*BLOCKWISE_METHODS, *DARE_METHODS) else contextlib.nullcontext():
                     for name in tqdm(names, desc=f"merge ({method})", unit="tensor"):
                         b, ts = base_reader.get(name), [r.get(name) for r in readers]
                         merged = writer.buffer(name)
@@ -254,7 +263,7 @@ def _merge_tensor(method: str, name: str, b: torch.Tensor, ts: list[torch.Tensor
 
     Task arithmetic and ParamDelta are element-wise: row blocks with the very operations of their `combine_*`
     function. TIES ranks magnitudes over the whole tensor (`_ties_into`: whole task vectors one at a time, the rest in
-    row blocks); DARE draws one random stream per tensor: `combine` on the whole tensor.
+    row blocks); DARE draws one random stream per tensor and model, which row blocks continue (`_dare_into`).
     """
     rows = b.shape[0]
     if method in BLOCKWISE_METHODS:
@@ -275,7 +284,25 @@ def _merge_tensor(method: str, name: str, b: torch.Tensor, ts: list[torch.Tensor
     if method == "ties":
         _ties_into(out[:rows], b, [t[:rows] for t in ts], weights, density)
         return
+    if method in DARE_METHODS:
+        _dare_into(method, name, out[:rows], b, [t[:rows] for t in ts], weights, density, seed)
+        return
     out[:rows].copy_(combine(method, name, b.float(), [t[:rows].float() for t in ts], weights, density=density, seed=seed))
+
+
+def _dare_into(method: str, name: str, out: torch.Tensor, b: torch.Tensor, ts: list[torch.Tensor],
+               weights: list[float], density: float, seed: int) -> None:
+    """`combine` for DARE in row blocks, bit-identical to it on the whole tensor.
+
+    torch's CPU generator (mt19937) fills a tensor in order, one draw per element, so blocks drawn one after another
+    from one generator per model are the whole tensor's stream; the rest is element-wise. The identity is torch's
+    behaviour, not its documented contract: tests/test_streaming_conversion.py compares against `combine`.
+    """
+    generators = [tensor_generator(seed, name, k) for k in range(len(ts))]
+    for start, stop in row_blocks(b.shape[0], b[0].numel() if b.ndim > 1 else 1):
+        base = b[start:stop].float()
+        merged = _combine_dare(method, base, [t[start:stop].float() for t in ts], weights, density, generators)
+        out[start:stop].copy_(merged)
 
 
 def _ties_into(out: torch.Tensor, b: torch.Tensor, ts: list[torch.Tensor], weights: list[float], density: float) -> None:
