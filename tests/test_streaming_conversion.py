@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import FolderHasher, sha256_dir
 from deltamoe.common.hf_folder import read_config
 from deltamoe.converters import blockwise
@@ -175,6 +176,13 @@ def test_dare_in_row_blocks_equals_whole_tensor_dare(tmp_path, small_blocks, met
     expected = {name: combine(method, name, bt.float(), [t[name].float() for t in m_t], weights, density=0.4, seed=11)
                 .to(bt.dtype) for name, bt in b_t.items()}
     assert_same_tensors(tmp_path / "O", expected)
+
+
+def test_merge_refuses_an_unknown_method_before_writing(tmp_path):
+    base = make_tiny_hf("llama", tmp_path / "B", seed=1)
+    with pytest.raises(DeltaMoEError, match="--method: unknown method 'dare'"):
+        merge_models(method="dare", base=base, models=[base], out=tmp_path / "O")
+    assert not (tmp_path / "O").exists()
 
 
 def reference_upcycle_files(dense: Path, out: Path, plan: UpcyclePlan, max_shard_bytes: int) -> dict[str, str]:

@@ -174,6 +174,8 @@ def merge_models(*, method: str, base: Path, models: list[Path], out: Path, weig
     start = time.perf_counter()
     base, models, out = Path(base), [Path(m) for m in models], Path(out)
     weights = [1.0] * len(models) if weights is None else list(weights)
+    if method not in METHODS:
+        raise DeltaMoEError(f"--method: unknown method {method!r} (expected one of {METHODS})")
     if len(weights) != len(models):
         raise DeltaMoEError(f"--weights: {len(weights)} weights for {len(models)} --models")
     if method == "param_delta" and (len(models) < 2 or weights[0] != 1.0):
@@ -284,10 +286,7 @@ def _merge_tensor(method: str, name: str, b: torch.Tensor, ts: list[torch.Tensor
     if method == "ties":
         _ties_into(out[:rows], b, [t[:rows] for t in ts], weights, density)
         return
-    if method in DARE_METHODS:
-        _dare_into(method, name, out[:rows], b, [t[:rows] for t in ts], weights, density, seed)
-        return
-    out[:rows].copy_(combine(method, name, b.float(), [t[:rows].float() for t in ts], weights, density=density, seed=seed))
+    _dare_into(method, name, out[:rows], b, [t[:rows] for t in ts], weights, density, seed)
 
 
 def _dare_into(method: str, name: str, out: torch.Tensor, b: torch.Tensor, ts: list[torch.Tensor],
