@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hf_folder import read_config
 from deltamoe.converters.megatron_to_hf import export
-from deltamoe.converters.safetensors_io import SafetensorsReader
+from deltamoe.converters.safetensors_io import SafetensorsReader, ShardWriter
 from deltamoe.megatron_ext.runtime.checkpoint import CheckpointMetadata, save_checkpoint
 from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed
 from deltamoe.megatron_ext.runtime.model_builder import MoESettings, model_from_hf_config, padded_vocab_size
@@ -213,3 +214,83 @@ def test_export_from_ep2_checkpoint_equals_ep1(tmp_path):
     a, b = SafetensorsReader(tmp_path / "hf-ep1").read_all(), SafetensorsReader(tmp_path / "hf-ep2").read_all()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+RESAVE_TP2_EP2 = RESAVE_EP2.replace("ParallelLayout(expert_model_parallel_size=2)",
+                                    "ParallelLayout(tensor_model_parallel_size=2, expert_model_parallel_size=2, "
+                                    "expert_tensor_parallel_size=1)")
+
+
+def _loaded_tensors(folder) -> dict[str, torch.Tensor]:
+    from deltamoe.megatron_ext.runtime.checkpoint import load_model
+
+    model, _ = load_model(folder)
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
+
+
+@pytest.mark.slow
+def test_streamed_checkpoint_reassembles_a_tp2_ep2_checkpoint(tmp_path):
+    """Each tensor read alone from a TP=2 x EP=2 checkpoint (qkv, gated fc1 halves and experts split over ranks)
+    equals the tensor megatron's whole-model load gives for the checkpoint it was resaved from."""
+    from deltamoe.megatron_ext.runtime.streamed_checkpoint import StreamedCheckpoint
+
+    folder, _ = random_moe_checkpoint(tmp_path, "qwen2", VARIANTS["shared"])
+    script = tmp_path / "resave.py"
+    script.write_text(RESAVE_TP2_EP2)
+    run_torchrun(2, str(script), str(folder), str(tmp_path / "moe-tp2-ep2"))
+    expected = _loaded_tensors(folder)
+    streamed = StreamedCheckpoint(tmp_path / "moe-tp2-ep2", spec="local")
+    assert set(streamed) == set(expected)
+    for name in streamed:
+        got = streamed[name]
+        assert got.dtype == expected[name].dtype and torch.equal(got, expected[name]), name
+
+
+def test_export_reads_each_tensor_once_and_writes_what_the_loaded_model_holds(checkpoints, tmp_path, monkeypatch):
+    """The streamed export's shards are byte for byte those of hf_tensors() over megatron's whole-model load (the
+    path export took before it streamed), and every checkpoint tensor is read from disk once."""
+    from deltamoe.converters.megatron_to_hf import hf_tensors
+    from deltamoe.megatron_ext.runtime.checkpoint import read_metadata
+    from deltamoe.megatron_ext.runtime.streamed_checkpoint import StreamedCheckpoint
+
+    folder, _ = checkpoints("qwen2", "shared")
+    reads = []
+    original = StreamedCheckpoint._read
+    monkeypatch.setattr(StreamedCheckpoint, "_read", lambda self, shards: (reads.extend({s.key for s in shards}),
+                                                                           original(self, shards))[1])
+    export(folder, tmp_path / "hf", fmt="qwen2_moe", max_shard_bytes=100_000)
+    meta = read_metadata(folder)
+    writer = ShardWriter(tmp_path / "whole", max_shard_bytes=100_000)
+    for name, t in hf_tensors(_loaded_tensors(folder), meta.hf_config, moe=meta.moe, fmt_name="qwen2_moe"):
+        writer.add(name, t.to(getattr(torch, meta.params_dtype)))
+    writer.finish()
+    shards = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+    for shard in [*shards, "model.safetensors.index.json"]:
+        assert (tmp_path / "hf" / shard).read_bytes() == (tmp_path / "whole" / shard).read_bytes(), shard
+    # One request per state-dict entry: a key stored once per layer/expert is requested as often as it has entries.
+    assert len(reads) == len(StreamedCheckpoint(folder, spec="local"))
+
+
+def test_export_refuses_a_checkpoint_whose_tensors_do_not_have_the_recorded_shapes(checkpoints, tmp_path):
+    folder, _ = checkpoints("qwen3", "copy")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(folder, tampered)
+    meta = json.loads((tampered / "deltamoe.json").read_text())
+    meta["moe"]["num_experts"] = 3
+    (tampered / "deltamoe.json").write_text(json.dumps(meta))
+    with pytest.raises(DeltaMoEError, match=r"tensor 'decoder\.layers\.mlp\.router\.weight' is stored with shape "
+                                            r"\(3, 4, 64\); the model described by deltamoe\.json needs \(3, 3, 64\)"):
+        export(tampered, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_streamed_checkpoint_refuses_a_tensor_the_checkpoint_covers_only_in_part(checkpoints):
+    from deltamoe.megatron_ext.runtime.streamed_checkpoint import StreamedCheckpoint
+
+    folder, _ = checkpoints("qwen3", "copy")
+    streamed = StreamedCheckpoint(folder, spec="local")
+    key = "decoder.layers.self_attention.linear_proj.weight"
+    streamed._metadata.state_dict_metadata[key].chunks.pop()  # as if one layer's shard were missing
+    with pytest.raises(DeltaMoEError, match=f"holds only part of tensor '{key}'"):
+        [streamed[name] for name in streamed if name.endswith("self_attention.linear_proj.weight")]

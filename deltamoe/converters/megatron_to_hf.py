@@ -9,9 +9,11 @@ A dense checkpoint exports to its source architecture with its original config.j
 (Llama family), Qwen2-MoE or Qwen3-MoE, exactly or not at all (DESIGN.md decision 12): the format is checked against
 the source architecture and the routing the checkpoint records (architectures/moe.py lists what each format holds),
 and `--format auto` takes the architecture's own format when it holds the model, else the first that does (a Llama
-shared variant, or a Llama trained without top-k renormalisation, goes to Qwen2-MoE). The checkpoint is loaded in one
-process at TP=EP=1 (torch_dist reshards whatever layout it was saved with); shards are written as they fill, with an
-index, next to a model card (README.md) that says how the model routes.
+shared variant, or a Llama trained without top-k renormalisation, goes to Qwen2-MoE). The checkpoint is read in one
+process at TP=EP=1, one tensor at a time as the output needs it (runtime/streamed_checkpoint.py: whatever TP/EP layout
+it was saved with is reassembled, and memory holds a few tensors, never the model). A pass over the tensors' shapes
+alone lays out the shards first, so a writer thread puts each tensor in its place as it comes (safetensors_io.py,
+`PlannedShardWriter`); the index and a model card (README.md) that says how the model routes come with them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -32,7 +35,7 @@ from deltamoe.architectures import read_architecture_config
 from deltamoe.architectures.moe import MOE_FORMATS, choose_format, moe_hf_config
 from deltamoe.converters.mapping import expand_rules
 from deltamoe.converters.model_card import write_export_card
-from deltamoe.converters.safetensors_io import ShardWriter
+from deltamoe.converters.safetensors_io import PlannedShardWriter
 from deltamoe.converters.transforms import to_hf
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,9 +61,12 @@ def dense_hf_config(imported: dict, out_dtype: torch.dtype) -> dict:
     return config
 
 
-def hf_tensors(state: dict[str, torch.Tensor], hf_config: dict, *, moe: dict | None, fmt_name: str | None,
+def hf_tensors(state: Mapping[str, torch.Tensor], hf_config: dict, *, moe: dict | None, fmt_name: str | None,
                ignored_config_fields=()):
-    """Yield (hf_name, tensor) from a whole (TP=EP=1) megatron state dict; every megatron tensor must be consumed."""
+    """Yield (hf_name, tensor) from a whole (TP=EP=1) megatron state dict; every megatron tensor must be consumed.
+
+    Each tensor is looked up once, when its HF tensors are due: `state` may read it from disk then
+    (`StreamedCheckpoint`)."""
     arch, config = read_architecture_config(hf_config, ignored_fields=ignored_config_fields)
     if moe is not None:
         choose_format(fmt_name, config, moe)  # the format holds this model exactly, or a DeltaMoEError says why not
@@ -71,17 +77,17 @@ def hf_tensors(state: dict[str, torch.Tensor], hf_config: dict, *, moe: dict | N
         flags = {"shared_expert": bool(moe.get("shared_expert_intermediate_size")),
                  "shared_expert_gate": bool(moe.get("shared_expert_gate"))}
         bindings = expand_rules(fmt.rules, _WithFlags(config, flags), num_experts=moe["num_experts"])
-    params = {k: v for k, v in state.items() if not k.endswith("._extra_state")}
+    params = {k for k in state if not k.endswith("._extra_state")}
     if config.tie_word_embeddings:
-        params.pop("output_layer.weight", None)
-    unused = sorted(set(params) - set(bindings))
+        params.discard("output_layer.weight")
+    unused = sorted(params - set(bindings))
     if unused:
         raise DeltaMoEError(f"megatron tensor {unused[0]!r} has no mapping to the HF format ({len(unused)} unmapped)")
     ungated_shared = moe is not None and fmt_name == "qwen2_moe" and _ungated_shared(moe)
     for name, binding in bindings.items():
         if name not in params:
             raise DeltaMoEError(f"megatron checkpoint lacks tensor {name!r}")
-        tensor = params[name]
+        tensor = state[name]
         if ungated_shared and name.endswith("shared_experts.linear_fc2.weight"):
             tensor = tensor * UNGATED_SHARED_FC2_SCALE
         for hf_name, t in zip(binding.hf, to_hf(binding.rule.transform, tensor, config)):
@@ -128,7 +134,8 @@ class _WithFlags:
 def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str = "auto",
            max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, spec: str | None = None) -> Path:
     from deltamoe.megatron_ext.moe.plan import PLAN_FILE, UpcyclePlan
-    from deltamoe.megatron_ext.runtime.checkpoint import load_model, read_metadata
+    from deltamoe.megatron_ext.runtime.checkpoint import read_metadata
+    from deltamoe.megatron_ext.runtime.streamed_checkpoint import StreamedCheckpoint
     from deltamoe.megatron_ext.runtime.distributed import ParallelLayout, init_distributed, world_size_from_env
 
     # Before anything that could fail on one rank only: every rank of a torchrun launch stops here at once.
@@ -148,10 +155,12 @@ def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtyp
         raise DeltaMoEError("export runs in one process (torch_dist reshards any saved layout); launch it without torchrun")
     from deltamoe.megatron_ext.runtime.specs import CONVERSION_SPEC
 
-    # Grouped-GEMM training checkpoints load into the sequential-expert model: the torch_dist keys are the same.
-    # load_model also reads checkpoints in the legacy key layout (runtime/checkpoint_layout.py).
-    model, meta = load_model(megatron_dir, spec=spec or CONVERSION_SPEC,
-                             moe_overrides={"grouped_gemm": False} if meta.moe else None)
+    # Grouped-GEMM training checkpoints are read through the sequential-expert model's request: the torch_dist keys
+    # are the same. The legacy key layout reads too (runtime/checkpoint_layout.py). Each tensor is read from disk when
+    # its HF tensors are written, so memory holds a few tensors, not the model.
+    state = StreamedCheckpoint(megatron_dir, spec=spec or CONVERSION_SPEC,
+                               moe_overrides={"grouped_gemm": False} if meta.moe else None)
+    meta = state.meta
     # Megatron keeps some tensors (norms) in float32 whatever the model dtype: write everything in one dtype.
     out_dtype = DTYPES[dtype] or getattr(torch, meta.params_dtype)
     if meta.moe:
@@ -161,14 +170,21 @@ def export(megatron_dir: str | Path, out: str | Path, *, fmt: str = "auto", dtyp
     else:
         hf_config = dense_hf_config(meta.hf_config, out_dtype)
 
-    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    def tensors(source):
+        return hf_tensors(source, meta.hf_config, moe=meta.moe, fmt_name=fmt_name,
+                          ignored_config_fields=meta.ignored_config_fields)
+
+    # The conversion run over shapes alone plans the shards (the layout ShardWriter would give these tensors in this
+    # order); a writer thread then puts each tensor at its place while the next one is read and converted.
+    planned = [(hf_name, out_dtype, list(t.shape)) for hf_name, t in tensors(state.shapes())]
     with atomic_output_dir(out, inputs=[megatron_dir], overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes)
-        tensors = hf_tensors(state, meta.hf_config, moe=meta.moe, fmt_name=fmt_name,
-                             ignored_config_fields=meta.ignored_config_fields)
-        for hf_name, t in tqdm(tensors, desc="export"):
-            writer.add(hf_name, t.to(out_dtype))
-        writer.finish()
+        writer = PlannedShardWriter(tmp, planned, max_shard_bytes=max_shard_bytes)
+        try:
+            for hf_name, t in tqdm(tensors(state), desc="export", total=len(planned)):
+                writer.add(hf_name, t.to(out_dtype))
+            writer.finish()
+        finally:
+            writer.close()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for name in (*TOKENIZER_FILES, "generation_config.json"):
             if (megatron_dir / name).exists():

@@ -11,6 +11,7 @@ Training checkpoints that the trainer writes into the same folder (`iter_0000100
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -141,10 +142,11 @@ def save_checkpoint(model, folder: str | os.PathLike, metadata: CheckpointMetada
     torch.distributed.barrier()
 
 
-def load_model(folder: str | os.PathLike, *, spec: str = "local", params_dtype: torch.dtype | None = None,
-               moe_overrides: dict | None = None, **parallel):
-    """Build the checkpoint's model in the current parallel state and load its weights (resharding as needed)."""
-    from megatron.core import dist_checkpointing, parallel_state
+def load_request(folder: str | os.PathLike, *, spec: str = "local", params_dtype: torch.dtype | None = None,
+                 moe_overrides: dict | None = None, device: str | None = None, **parallel):
+    """Build the checkpoint's model in the current parallel state, weights uninitialised (`device="meta"`: none at
+    all), and its torch_dist load request: (model, metadata, sharded state dict, torch_dist folder)."""
+    from megatron.core import parallel_state
 
     from deltamoe.megatron_ext.runtime.model_builder import MoESettings, build_gpt_model, transformer_config
 
@@ -155,15 +157,28 @@ def load_model(folder: str | os.PathLike, *, spec: str = "local", params_dtype: 
     parallel.setdefault("tensor_model_parallel_size", parallel_state.get_tensor_model_parallel_world_size())
     parallel.setdefault("pipeline_model_parallel_size", parallel_state.get_pipeline_model_parallel_world_size())
     parallel.setdefault("expert_model_parallel_size", parallel_state.get_expert_model_parallel_world_size())
-    # Every weight comes from the checkpoint (strict load below): megatron's random initialisation would be wasted
+    # Every weight comes from the checkpoint (load_model loads strictly): megatron's random initialisation would be wasted
     # (measured: 7.6 s of a 45 s CPU export of a 2 GB MoE).
+    if device == "meta":  # megatron puts weights on the GPU (an explicit device) unless told to initialise on CPU
+        parallel["use_cpu_initialization"] = True
     cfg = transformer_config(arch_config, moe=moe, params_dtype=dtype, perform_initialization=False, **parallel)
-    model = build_gpt_model(arch_config, cfg, padded_vocab=meta.padded_vocab_size, spec=spec)
+    with torch.device(device) if device else contextlib.nullcontext():
+        model = build_gpt_model(arch_config, cfg, padded_vocab=meta.padded_vocab_size, spec=spec)
     sharded_metadata = {**_sharded_metadata(), "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     sharded = model.sharded_state_dict(metadata=sharded_metadata)
     torch_dist_dir = checkpoint_dir(folder)
     # Reads the current (TE-spec) key layout and DeltaMoE's legacy one (runtime/checkpoint_layout.py).
     fit_request_to_checkpoint(sharded, checkpoint_keys(torch_dist_dir), source=str(torch_dist_dir))
+    return model, meta, sharded, torch_dist_dir
+
+
+def load_model(folder: str | os.PathLike, *, spec: str = "local", params_dtype: torch.dtype | None = None,
+               moe_overrides: dict | None = None, **parallel):
+    """Build the checkpoint's model in the current parallel state and load its weights (resharding as needed)."""
+    from megatron.core import dist_checkpointing
+
+    model, meta, sharded, torch_dist_dir = load_request(folder, spec=spec, params_dtype=params_dtype,
+                                                        moe_overrides=moe_overrides, **parallel)
     state = dist_checkpointing.load({"model": sharded}, str(torch_dist_dir))["model"]
     # Extra state no checkpoint holds (absent in legacy checkpoints; TE's core attention never writes its own) is
     # empty: TE modules and megatron's linears take None as "no quantizer state", as Megatron-LM's loader does.

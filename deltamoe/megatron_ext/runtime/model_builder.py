@@ -142,7 +142,8 @@ def _same_setting(actual, expected) -> bool:
     9.999999747378752e-06 (a config written from a float32 field, e.g. one converted from GGUF) are the same number
     once RMSNorm adds it to its float32 (or bf16, computed in float32) variance."""
     if isinstance(expected, float) and isinstance(actual, (int, float)) and not isinstance(actual, bool):
-        return torch.tensor(actual, dtype=torch.float32).item() == torch.tensor(expected, dtype=torch.float32).item()
+        return (torch.tensor(actual, dtype=torch.float32, device="cpu").item()
+                == torch.tensor(expected, dtype=torch.float32, device="cpu").item())
     return actual == expected
 
 
@@ -197,7 +198,7 @@ def build_gpt_model(
 
         # float32 logits of a 150k vocabulary would dominate activation memory; same loss, same state dict.
         use_chunked_loss(model)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not transformer_cfg.use_cpu_initialization:
         model = model.cuda()
     return model
 
