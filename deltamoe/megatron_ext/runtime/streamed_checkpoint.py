@@ -80,12 +80,12 @@ class StreamedCheckpoint(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
-        from megatron.core.dist_checkpointing.mapping import apply_factories, apply_factory_merges
+        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory, apply_factories, apply_factory_merges
 
         entry = self._entries[name]
         # A fresh CPU tensor for the entry (a plain ShardedTensor, or a factory megatron builds its shards from).
         request = {name: dataclasses.replace(entry, data=torch.empty(entry.data.shape, dtype=entry.data.dtype))}
-        factories = {name: request[name]} if hasattr(entry, "build") else {}
+        factories = {name: request[name]} if isinstance(entry, ShardedTensorFactory) else {}
         apply_factories(request)
         self._read(list(nested_values(request)))
         loaded = dict_list_map_inplace(lambda sh: sh.data, request)
