@@ -142,6 +142,7 @@ def _same_setting(actual, expected) -> bool:
     9.999999747378752e-06 (a config written from a float32 field, e.g. one converted from GGUF) are the same number
     once RMSNorm adds it to its float32 (or bf16, computed in float32) variance."""
     if isinstance(expected, float) and isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        # On CPU explicitly: under a meta-device build (StreamedCheckpoint) the default device would give meta tensors.
         return (torch.tensor(actual, dtype=torch.float32, device="cpu").item()
                 == torch.tensor(expected, dtype=torch.float32, device="cpu").item())
     return actual == expected

@@ -115,9 +115,10 @@ class StreamedCheckpoint(Mapping):
         for key, local in chunks.items():
             found = create_read_items_for_chunk_list(key, self._metadata.state_dict_metadata[key], local)
             covered = sum(math.prod(item.lengths) for item in found)
-            if covered != sum(math.prod(chunk.sizes) for chunk in local):
+            requested = sum(math.prod(chunk.sizes) for chunk in local)
+            if covered != requested:
                 raise DeltaMoEError(f"{self.torch_dist_dir}: the checkpoint holds only part of tensor {key!r} "
-                                    f"({covered} of {sum(math.prod(c.sizes) for c in local)} elements of the request)")
+                                    f"({covered} of {requested} elements of the request)")
             items.extend(found)
         plan = self._reader.prepare_local_plan(LoadPlan(items))
         (plan,) = self._reader.prepare_global_plan([plan])
