@@ -205,6 +205,12 @@ def _merge_density_out_of_range(chain, tmp):
             "--out", tmp / "out"], tmp / "out"
 
 
+def _merge_workers_zero(chain, tmp):
+    root = chain["root"]
+    return ["--method", "ties", "--base", root / "b", "--models", root / "i", "--workers", "0",
+            "--out", tmp / "out"], tmp / "out"
+
+
 def _merge_model_other_tokenizer(chain, tmp):
     root = chain["root"]
     return ["--method", "task_arithmetic", "--base", root / "b", "--models", _post_with_other_tokenizer(chain, tmp),
@@ -442,6 +448,7 @@ CASES = {
                                             r"hf-moe/deltamoe_upcycle\.json: num_experts 4 but config\.json has "
                                             r"num_local_experts = 6"),
     "merge-density-out-of-range": Case("merge", _merge_density_out_of_range, r"--density: must be in \(0, 1\], got 1\.5"),
+    "merge-workers-zero": Case("merge", _merge_workers_zero, r"--workers: must be at least 1, got 0"),
     "merge-model-other-tokenizer": Case("merge", _merge_model_other_tokenizer, r"--models .*/i: another tokenizer than"),
     "merge-base-missing": Case("merge", _merge_base_missing, r"nope/config\.json: missing"),
     "prepare-data-not-utf8": Case("prepare-data", _prepare_not_utf8, r"latin1\.txt: not UTF-8 text"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import FolderHasher, sha256_dir
 from deltamoe.common.hf_folder import read_config
-from deltamoe.converters import blockwise
+from deltamoe.converters import blockwise, merge
 from deltamoe.converters.graft import graft
 from deltamoe.converters.hf_moe_layout import format_of_config, parse_moe_name
 from deltamoe.converters.hf_upcycle import ffn_slice, upcycle_hf
@@ -351,3 +352,142 @@ def test_planned_writer_passes_a_write_error_to_the_caller(tmp_path, monkeypatch
     with pytest.raises(OSError, match="No space left"):
         writer.finish()
     writer.close()
+
+
+@pytest.mark.parametrize("density", [0.01, 0.5])  # aten's partial_sort path (k * 64 <= n) and its nth_element path
+def test_ties_trim_keeps_the_sorted_top_k_entries_when_magnitudes_tie(density):
+    # The trim asks topk for unsorted indices (faster); the kept entries must still be the sorted top-k's, ties
+    # included. Integer-valued deltas tie everywhere, and the ties straddle the threshold: which of them are kept
+    # depends on the selection algorithm: at density 0.5 a different rule (say, lowest index first) fails.
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randint(-4, 5, (200, 64), generator=gen).to(torch.bfloat16)
+    t = (b.float() + torch.randint(-6, 7, b.shape, generator=gen)).to(torch.bfloat16)
+    from deltamoe.converters.merge import _trimmed_task_vector, trim_by_magnitude
+    want = trim_by_magnitude(t.float() - b.float(), density)
+    got = _trimmed_task_vector(t, b, density)
+    magnitude = (t.float() - b.float()).abs()
+    threshold = magnitude[want != 0].min()
+    assert int((magnitude == threshold).sum()) > int(((want != 0) & (magnitude == threshold)).sum()) > 0
+    assert torch.equal(got, want)
+
+
+@pytest.fixture
+def eager_thread_switches():
+    """Python threads switch every microsecond instead of every 5 ms: state shared by worker threads collides."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "task_arithmetic"])
+def test_merge_output_is_the_same_for_any_number_of_workers(tmp_path, small_blocks, eager_thread_switches,
+                                                            monkeypatch, method):
+    # Tensors computed side by side on worker threads, finished out of order, and a working-set budget small enough
+    # that the larger tensors run alone: the bytes written must be those of one worker.
+    base = rewrite(make_tiny_hf("llama", tmp_path / "B", seed=1), torch.bfloat16)
+    models = [rewrite(perturbed_copy(base, tmp_path / f"M{k}", seed=5 + k, extra_rows=2 * (k == 1)), torch.bfloat16)
+              for k in range(2)]
+    monkeypatch.setattr(blockwise, "WORKING_SET_BYTES", 500_000)  # TIES: never both 128 x 64 matrices at once
+    running, peak, lock = [0], [0], threading.Lock()
+    merge_tensor = merge._merge_tensor
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.005)  # long enough for the main thread to hand the next tensors to the other workers
+            return merge_tensor(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(merge, "_merge_tensor", counted)
+    outputs = []
+    for workers in (1, 3):
+        out = tmp_path / f"O{workers}"
+        merge_models(method=method, base=base, models=models, out=out, weights=[0.7, 1.3], density=0.4, seed=2,
+                     max_shard_bytes=30_000, workers=workers)
+        outputs.append(out)
+        assert peak[0] == 1 if workers == 1 else peak[0] >= 2  # one at a time, then side by side
+    shards = sorted(p.name for p in outputs[0].glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in outputs[1].glob("*.safetensors"))
+    for shard in [*shards, "model.safetensors.index.json"]:
+        assert (outputs[0] / shard).read_bytes() == (outputs[1] / shard).read_bytes(), shard
+
+
+def test_merge_refuses_zero_workers_before_writing(tmp_path):
+    base = make_tiny_hf("llama", tmp_path / "B", seed=1)
+    with pytest.raises(DeltaMoEError, match="--workers: must be at least 1, got 0"):
+        merge_models(method="ties", base=base, models=[base], out=tmp_path / "O", workers=0)
+    assert not (tmp_path / "O").exists()
+
+
+def test_tensor_jobs_run_side_by_side_within_their_budget():
+    done: list[str] = []
+    both = threading.Barrier(2, timeout=10)
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    def job(name: str, meet: bool) -> str:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        if meet:
+            both.wait()  # times out (BrokenBarrierError) unless two jobs really run at once
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return name
+
+    with blockwise.TensorJobs(2, done.append, budget=100) as jobs:
+        jobs.submit(50, job, "a", True)
+        jobs.submit(50, job, "b", True)
+        jobs.submit(200, job, "big", False)  # over the budget: waits until a and b are done, then runs alone
+        assert sorted(done) == ["a", "b"]
+        jobs.submit(10, job, "c", False)  # within the budget but not beside "big" (its 200 already exceed it)
+        assert done[-1] == "big"
+        jobs.finish_all()
+    assert done[-1] == "c" and peak[0] == 2
+
+
+def test_tensor_jobs_raise_a_jobs_error_and_wait_for_the_others():
+    finished = []
+
+    def slow() -> str:
+        time.sleep(0.2)
+        finished.append("slow")
+        return "slow"
+
+    def failing() -> str:
+        raise DeltaMoEError("tensor 'x' contains NaN or Inf values")
+
+    with pytest.raises(DeltaMoEError, match="tensor 'x'"):
+        with blockwise.TensorJobs(2, lambda result: None) as jobs:
+            jobs.submit(0, slow)
+            jobs.submit(0, failing)
+            jobs.finish_all()
+    assert finished == ["slow"]  # leaving the block waited for the running job: no thread outlives its buffers
+
+
+def test_planned_writer_buffer_without_waiting(tmp_path):
+    specs = [(f"t{k}", torch.float32, [256]) for k in range(3)]  # 1 KiB each
+    writer = PlannedShardWriter(tmp_path / "out", specs, max_pending_bytes=1500)
+    try:
+        first = writer.buffer("t0").fill_(1.0)
+        assert writer.buffer("t1", wait=False) is None  # 2 KiB out would pass the 1.5 KiB bound
+        writer.add("t0", first)
+        second = None
+        for _ in range(200):  # the writer thread gives t0's memory back once it is written
+            if (second := writer.buffer("t1", wait=False)) is not None:
+                break
+            time.sleep(0.01)
+        assert second is not None
+        writer.add("t1", second.fill_(2.0))
+        writer.add("t2", writer.buffer("t2").fill_(3.0))
+        writer.finish()
+    finally:
+        writer.close()
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert [float(got[f"t{k}"][0]) for k in range(3)] == [1.0, 2.0, 3.0]

@@ -10,8 +10,11 @@ then is each input checked on its own to name it.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -55,8 +58,72 @@ def row_blocks(rows: int, row_elements: int) -> Iterator[tuple[int, int]]:
         yield start, min(rows, start + step)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a Slurm job's allocation, not the node's core count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+WORKING_SET_BYTES = 1 << 30
+"""Working memory (estimated) that tensors computed side by side may hold together; a larger tensor runs alone."""
+
+
+class TensorJobs:
+    """Compute independent tensors on `workers` threads; the caller reads inputs and writes outputs in its own thread.
+
+    torch releases the GIL inside its operators, so tensors whose arithmetic is bound by one serial kernel (TIES's
+    top-k, DARE's random stream: one generator per tensor) use every core. Each job's result is the same whatever
+    thread computes it, so outputs do not change with `workers`. Admission keeps memory bounded: at most `workers`
+    jobs at once, and their estimated working sets (`cost`) together within `budget`, except that a job over the
+    budget may run when nothing else does. `done(result)` runs in the caller's thread, in completion order.
+
+    Use as a context manager: leaving it (also on an error) waits for the running jobs, so no thread writes into a
+    buffer after its owner is closed.
+    """
+
+    def __init__(self, workers: int, done: Callable[[object], None], budget: int | None = None):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tensor job")
+        self._workers, self._done = workers, done
+        self._budget = WORKING_SET_BYTES if budget is None else budget
+        self._running: dict[Future, int] = {}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    def make_room(self, cost: int) -> None:
+        """Wait (handing finished results to `done`) until a job of working set `cost` may start."""
+        while self._running and (len(self._running) >= self._workers
+                                 or sum(self._running.values()) + cost > self._budget):
+            self.finish_one()
+
+    def submit(self, cost: int, fn: Callable[..., object], *args) -> None:
+        self.make_room(cost)
+        self._running[self._pool.submit(fn, *args)] = cost
+
+    def finish_one(self) -> None:
+        """Wait for at least one running job and hand its result to `done` (re-raising the job's error)."""
+        finished, _ = wait(self._running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            del self._running[future]
+        for future in finished:
+            self._done(future.result())
+
+    def finish_all(self) -> None:
+        while self._running:
+            self.finish_one()
+
+    def __enter__(self) -> "TensorJobs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Scratch:
-    """Reusable float32 buffers, one per slot, grown on demand (fresh large allocations cost a page fault per 4 KiB)."""
+    """Reusable float32 buffers, one per slot, grown on demand (fresh large allocations cost a page fault per 4 KiB).
+
+    Not thread-safe: one per thread (`ThreadScratch`).
+    """
 
     def __init__(self):
         self._buffers: dict[int, torch.Tensor] = {}
@@ -73,3 +140,10 @@ class Scratch:
     def upcast(self, slot: int, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor.float()` in a reused buffer (a copy even when `tensor` is float32: callers write into it)."""
         return self.like(slot, tensor.shape).copy_(tensor)
+
+
+class ThreadScratch(threading.local):
+    """A `Scratch` for each thread that asks (`TensorJobs` workers)."""
+
+    def __init__(self):
+        self.scratch = Scratch()

@@ -359,17 +359,26 @@ class PlannedShardWriter:
         self._thread = threading.Thread(target=self._run, name="safetensors writer", daemon=True)
         self._thread.start()
 
-    def buffer(self, name: str) -> torch.Tensor:
-        """An uninitialised tensor of `name`'s planned dtype and shape, from the pool; pass it to `add` when filled."""
+    def buffer(self, name: str, wait: bool = True) -> torch.Tensor | None:
+        """An uninitialised tensor of `name`'s planned dtype and shape, from the pool; pass it to `add` when filled.
+
+        `wait=False`: None instead of waiting for the writer to free memory (a caller that holds other buffers it has
+        not added yet must add those first, or it would wait for itself).
+        """
         _, _, dtype, shape = self._place[name]
         nbytes = math.prod(shape) * dtype.itemsize
         def fitting() -> int | None:
             fits = [k for k, b in enumerate(self._free) if b.numel() >= nbytes]
             return min(fits, key=lambda k: self._free[k].numel()) if fits else None
 
+        def ready() -> bool:
+            return (self._error is not None or fitting() is not None or self._out_bytes == 0
+                    or self._out_bytes + nbytes <= self._max_pending_bytes)
+
         with self._cond:  # new memory only while the buffers out (being filled or written) stay under the bound
-            self._cond.wait_for(lambda: self._error is not None or fitting() is not None or self._out_bytes == 0
-                                or self._out_bytes + nbytes <= self._max_pending_bytes)
+            if not wait and not ready():
+                return None
+            self._cond.wait_for(ready)
             k = fitting()
             raw = self._free.pop(k) if k is not None else None
             if raw is None:
