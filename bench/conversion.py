@@ -11,9 +11,12 @@ mergekit's task arithmetic on B and I runs the same way when `--mergekit-yaml` i
 venv, never in the project's). The last lines project a Qwen2.5-72B graft (6 experts) from the measured rates, and
 `--hashes FILE` writes the sha256 of every output's weight files (safetensors; torch_dist .distcp for import), to
 show that outputs are bit-identical across versions of the code. `--repeat N` runs each row N times (median command
-time, best dd time: what the disk gives); the machine's load is printed with the table.
+time, best dd time: what the disk gives); the machine's load is printed with the table. `--layers 6 18` runs every
+row on inputs of both depths and prints the marginal rate between them (extra bytes over extra seconds, against the
+extra dd seconds): the rate a larger model sees once start-up and the other fixed costs are paid.
 
   OMP_NUM_THREADS=2 .venv/bin/python bench/conversion.py --workdir /var/tmp/deltamoe-bench
+  OMP_NUM_THREADS=2 .venv/bin/python bench/conversion.py --workdir /var/tmp/deltamoe-bench --layers 6 18
   OMP_NUM_THREADS=2 .venv/bin/python bench/conversion.py --workdir W --mergekit-yaml /tmp/mk-venv/bin/mergekit-yaml
 """
 
@@ -171,7 +174,9 @@ def qwen72b_graft_bytes(experts: int = 6) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--layers", type=int, nargs="+", default=[6],
+                   help="decoder layers of the inputs; two values (e.g. 6 18): both tables and the marginal rate "
+                        "between them (start-up and other fixed costs cancel)")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--ffn", type=int, default=5632)
     p.add_argument("--heads", type=int, default=16)
@@ -184,11 +189,49 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs per row: median command time, best dd time")
     p.add_argument("--hashes", type=Path, default=None, help="write the sha256 of every output's safetensors here")
     a = p.parse_args()
-    w = a.workdir.resolve()
+    if len(a.layers) > 2 or len(set(a.layers)) != len(a.layers):
+        p.error("--layers: one size, or two different sizes")
+    sizes = sorted(a.layers)
+    tables, hashes, cold = {}, {}, True
+    for layers in sizes:
+        w = a.workdir.resolve() if len(sizes) == 1 else a.workdir.resolve() / f"layers-{layers}"
+        table, row_hashes, row_cold = run_rows(w, argparse.Namespace(**{**vars(a), "layers": layers}))
+        tables[layers] = table
+        hashes.update({(label if len(sizes) == 1 else f"{label} (layers {layers})"): h for label, h in row_hashes.items()})
+        cold &= row_cold
+    state = "cold page cache (dropped before dd and before each command)" if cold else "WARM page cache (could not drop it)"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n{state}; {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+          f"load average at the end {load}; {a.repeat} run(s) per row")
+    for layers, table in tables.items():
+        print(f"\n{layers} layers:\n")
+        print_table(table)
+    print("\nstart-up: the same command with --help (interpreter, torch and the command's imports); dd write: zeros of "
+          "the output's size through the page cache, as the command writes; % = dd seconds / command seconds.")
+    graft_rate = None
+    if len(sizes) == 2:
+        print(f"\nMarginal: {sizes[1]} layers minus {sizes[0]} layers, row by row (what each further layer costs; "
+              "start-up, imports and other fixed costs cancel, as they do on a 70B model):\n")
+        graft_rate = print_marginal(tables[sizes[0]], tables[sizes[1]])
+    graft = next((r for r in tables[sizes[-1]] if r[0] == "graft"), None)
+    if graft:
+        total = qwen72b_graft_bytes()
+        rate = graft_rate or graft[1] / (graft[3] - graft[7])
+        fraction = min(1.0, rate / (graft[1] / graft[2]))
+        how = "marginal graft rate" if graft_rate else "graft rate without start-up"
+        print(f"\nQwen2.5-72B upcycled to 6 experts, bf16: a graft reads {total / 1e12:.2f} TB (B + I + M). At this run's "
+              f"{how} ({rate / 1e9:.2f} GB/s): {total / rate / 60:.0f} min; at the same "
+              f"{100 * fraction:.0f} % of a 3 GB/s NVMe's read rate: {total / (3e9 * fraction) / 60:.0f} min.")
+    if a.hashes:
+        a.hashes.write_text(json.dumps(hashes, indent=2) + "\n")
+
+
+def run_rows(w: Path, a: argparse.Namespace) -> tuple[list[tuple], dict, bool]:
+    """Build the inputs in `w` (once) and time every row: (table rows, output hashes, whether the cache was cold)."""
     py = [sys.executable, "-m", "deltamoe"]
     build_inputs(w, a, py)
     sizes = {k: folder_bytes(w / k) for k in ("B", "I", "M", "MB", "MM")}
-    print("inputs: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in sizes.items()))
+    print(f"{a.layers} layers, inputs: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in sizes.items()))
     out = w / "out"
     rows = [
         ("graft", [*py, "graft", "--base", str(w / "B"), "--post", str(w / "I"), "--moe", str(w / "M"),
@@ -238,10 +281,10 @@ def main() -> None:
         seconds, rss = sorted(runs)[(len(runs) - 1) // 2]
         table.append((label, nbytes, dd, seconds, rss, written, dd_w, startup))
         print(f"  {label}: {seconds:.1f} s (start-up {startup:.1f} s; dd read {dd:.1f} s, dd write {dd_w:.1f} s)", flush=True)
-    state = "cold page cache (dropped before dd and before each command)" if cold else "WARM page cache (could not drop it)"
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\n{state}; {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-          f"load average at the end {load}; {a.repeat} run(s) per row\n")
+    return table, hashes, cold
+
+
+def print_table(table: list[tuple]) -> None:
     print("| command | GB read | GB written | dd read s (GB/s) | dd write s | seconds | start-up s | GB/s read "
           "(w/o start-up) | % of dd read (w/o start-up) | % of dd read + write (w/o start-up) | peak RSS GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -251,18 +294,34 @@ def main() -> None:
               f"{seconds:.1f} | {startup:.1f} | {nbytes / 1e9 / seconds:.2f} ({nbytes / 1e9 / work:.2f}) | "
               f"{100 * dd / seconds:.0f} % ({100 * dd / work:.0f} %) | {100 * (dd + dd_w) / seconds:.0f} % "
               f"({100 * (dd + dd_w) / work:.0f} %) | {rss:.2f} |")
-    print("\nstart-up: the same command with --help (interpreter, torch and the command's imports); dd write: zeros of "
-          "the output's size through the page cache, as the command writes; % = dd seconds / command seconds.")
-    graft = next((r for r in table if r[0] == "graft"), None)
-    if graft:
-        total = qwen72b_graft_bytes()
-        rate, dd_rate = graft[1] / (graft[3] - graft[7]), graft[1] / graft[2]
-        fraction = min(1.0, rate / dd_rate)
-        print(f"\nQwen2.5-72B upcycled to 6 experts, bf16: a graft reads {total / 1e12:.2f} TB (B + I + M). At this run's "
-              f"graft rate without start-up ({rate / 1e9:.2f} GB/s): {total / rate / 60:.0f} min; at the same "
-              f"{100 * fraction:.0f} % of a 3 GB/s NVMe's read rate: {total / (3e9 * fraction) / 60:.0f} min.")
-    if a.hashes:
-        a.hashes.write_text(json.dumps(hashes, indent=2) + "\n")
+
+
+def marginal_rows(small: list[tuple], large: list[tuple]) -> list[tuple]:
+    """(label, extra GB read, extra dd s, extra dd write s, extra command s) for the rows both tables have."""
+    by_label = {r[0]: r for r in small}
+    rows = []
+    for label, nbytes, dd, seconds, _, _, dd_w, _ in large:
+        if label in by_label:
+            _, nbytes0, dd0, seconds0, _, _, dd_w0, _ = by_label[label]
+            rows.append((label, (nbytes - nbytes0) / 1e9, dd - dd0, dd_w - dd_w0, seconds - seconds0))
+    return rows
+
+
+def print_marginal(small: list[tuple], large: list[tuple]) -> float | None:
+    """Print the marginal table; return graft's marginal read rate in bytes/s (None without a graft row)."""
+    print("| command | extra GB read | extra dd read s (GB/s) | extra dd write s | extra seconds | marginal GB/s read "
+          "| % of dd read | % of dd read + write |")
+    print("|---|---|---|---|---|---|---|---|")
+    graft_rate = None
+    for label, gb, dd, dd_w, seconds in marginal_rows(small, large):
+        if seconds <= 0 or dd <= 0:  # a disk or a machine that got faster between the two sizes: no rate
+            print(f"| {label} | {gb:.2f} | {dd:.1f} | {dd_w:.1f} | {seconds:.1f} | n/a | n/a | n/a |")
+            continue
+        print(f"| {label} | {gb:.2f} | {dd:.1f} ({gb / dd:.2f}) | {dd_w:.1f} | {seconds:.1f} | {gb / seconds:.2f} | "
+              f"{100 * dd / seconds:.0f} % | {100 * (dd + max(dd_w, 0.0)) / seconds:.0f} % |")
+        if label == "graft":
+            graft_rate = gb * 1e9 / seconds
+    return graft_rate
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from deltamoe.converters import blockwise, merge
 from deltamoe.converters.graft import graft
 from deltamoe.converters.hf_moe_layout import format_of_config, parse_moe_name
 from deltamoe.converters.hf_upcycle import ffn_slice, upcycle_hf
-from deltamoe.converters.merge import METHODS, combine, merge_models
+from deltamoe.converters.merge import METHODS, _trimmed_task_vector, combine, merge_models, trim_by_magnitude
 from deltamoe.converters.safetensors_io import PlannedShardWriter, SafetensorsReader, ShardWriter
 from deltamoe.megatron_ext.moe.plan import UpcyclePlan, copy_plan
 from deltamoe.megatron_ext.moe.upcycle import build_plan
@@ -362,7 +362,6 @@ def test_ties_trim_keeps_the_sorted_top_k_entries_when_magnitudes_tie(density):
     gen = torch.Generator().manual_seed(0)
     b = torch.randint(-4, 5, (200, 64), generator=gen).to(torch.bfloat16)
     t = (b.float() + torch.randint(-6, 7, b.shape, generator=gen)).to(torch.bfloat16)
-    from deltamoe.converters.merge import _trimmed_task_vector, trim_by_magnitude
     want = trim_by_magnitude(t.float() - b.float(), density)
     got = _trimmed_task_vector(t, b, density)
     magnitude = (t.float() - b.float()).abs()
