@@ -190,6 +190,12 @@ def _graft_scale_nan(chain, tmp):
             "--scale", "nan"], tmp / "out"
 
 
+def _graft_workers_zero(chain, tmp):
+    root = chain["root"]
+    return ["--base", root / "b", "--post", root / "i", "--moe", root / "hf-moe", "--out", tmp / "out",
+            "--workers", "0"], tmp / "out"
+
+
 def _graft_moe_expert_count_mismatch(chain, tmp):
     root = chain["root"]
     moe = copy(root / "hf-moe", tmp / "hf-moe")
@@ -444,6 +450,7 @@ CASES = {
     "graft-post-other-tokenizer": Case("graft", _graft_post_other_tokenizer,
                                        r"--post .*/i: another tokenizer than .*/b's: id \d+ is .* in .*i/tokenizer\.json"),
     "graft-scale-nan": Case("graft", _graft_scale_nan, r"--scale: expected a finite number, got nan"),
+    "graft-workers-zero": Case("graft", _graft_workers_zero, r"--workers: must be at least 1, got 0"),
     "graft-moe-expert-count-mismatch": Case("graft", _graft_moe_expert_count_mismatch,
                                             r"hf-moe/deltamoe_upcycle\.json: num_experts 4 but config\.json has "
                                             r"num_local_experts = 6"),

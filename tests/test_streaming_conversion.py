@@ -22,6 +22,7 @@ from deltamoe.common.errors import DeltaMoEError
 from deltamoe.common.hashing import FolderHasher, sha256_dir
 from deltamoe.common.hf_folder import read_config
 from deltamoe.converters import blockwise, merge
+from deltamoe.converters import graft as graft_module
 from deltamoe.converters.graft import graft
 from deltamoe.converters.hf_moe_layout import format_of_config, parse_moe_name
 from deltamoe.converters.hf_upcycle import ffn_slice, upcycle_hf
@@ -414,6 +415,56 @@ def test_merge_output_is_the_same_for_any_number_of_workers(tmp_path, small_bloc
     assert len(shards) > 1 and shards == sorted(p.name for p in outputs[1].glob("*.safetensors"))
     for shard in [*shards, "model.safetensors.index.json"]:
         assert (outputs[0] / shard).read_bytes() == (outputs[1] / shard).read_bytes(), shard
+
+
+@pytest.mark.parametrize("variant,extra_rows", [("copy", 0), ("shared", 2)])
+def test_graft_output_is_the_same_for_any_number_of_workers(tmp_path, small_blocks, eager_thread_switches,
+                                                            monkeypatch, variant, extra_rows):
+    # Groups (a dense tensor and the M tensors made from it) computed side by side, finished out of order; M's small
+    # shards split some dense tensor's experts over two shards, so that dense tensor heads two groups at once.
+    plan = (copy_plan(num_experts=4, topk=2, ffn_hidden_size=96) if variant == "copy" else
+            build_plan(variant="shared", num_experts=4, topk=2, ffn_hidden_size=96, granularity=2, router_init="zeros"))
+    base = rewrite(make_tiny_hf("llama" if variant == "copy" else "qwen2", tmp_path / "B", seed=1), torch.bfloat16)
+    post = rewrite(perturbed_copy(base, tmp_path / "I", extra_rows=extra_rows), torch.bfloat16)
+    moe = upcycle_hf(base, tmp_path / "M", plan, max_shard_bytes=60_000)
+    rewrite_sharded(moe, perturb=0.01, keep=lambda n: any(f"experts.{e}." in n for e in plan.frozen_experts))
+    monkeypatch.setattr(blockwise, "WORKING_SET_BYTES", 3_300)  # 1_600 a group (four 100-element blocks): two at once
+    running, peak, lock = [0], [0], threading.Lock()
+    graft_group = graft_module._graft_group
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.005)  # long enough for the main thread to hand the next groups to the other workers
+            return graft_group(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(graft_module, "_graft_group", counted)
+    outputs = []
+    for workers in (1, 3):
+        out, peak[0] = tmp_path / f"O{workers}", 0
+        manifest = graft(base=base, post=post, moe=moe, out=out, scale=0.7, max_shard_bytes=50_000, workers=workers)
+        outputs.append((out, manifest))
+        assert peak[0] == (1 if workers == 1 else 2)  # one at a time, then two side by side (the budget's limit)
+    assert_same_tensors(outputs[1][0], reference_graft(base, post, moe, 0.7, "all"))
+    shards = sorted(p.name for p in outputs[0][0].glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in outputs[1][0].glob("*.safetensors"))
+    for shard in [*shards, "model.safetensors.index.json"]:
+        assert (outputs[0][0] / shard).read_bytes() == (outputs[1][0] / shard).read_bytes(), shard
+    first, second = (m for _, m in outputs)
+    assert first["inputs"] == second["inputs"] and first["tensors"] == second["tensors"]
+    assert first["bytes_read"] == second["bytes_read"]
+
+
+def test_graft_refuses_zero_workers_before_writing(tmp_path):
+    base = make_tiny_hf("llama", tmp_path / "B", seed=1)
+    with pytest.raises(DeltaMoEError, match="--workers: must be at least 1, got 0"):
+        graft(base=base, post=base, moe=base, out=tmp_path / "O", workers=0)
+    assert not (tmp_path / "O").exists()
 
 
 def test_merge_refuses_zero_workers_before_writing(tmp_path):

@@ -40,7 +40,9 @@ from deltamoe.common.hf_folder import check_same_tokenizer, copy_tokenizer_files
 from deltamoe.converters.hf_moe_layout import TensorRole, format_for_dense, format_of_config, parse_moe_name
 from deltamoe.converters.hf_upcycle import ffn_slice
 from deltamoe.converters.model_card import write_graft_card
-from deltamoe.converters.blockwise import Scratch, check_block, check_finite, one_torch_thread, row_blocks
+from deltamoe.converters import blockwise
+from deltamoe.converters.blockwise import (Scratch, TensorJobs, ThreadScratch, check_block, check_finite,
+                                            one_torch_thread, row_blocks, usable_cpus)
 from deltamoe.converters.merge import check_same_architecture, extra_vocab_rows, peak_rss_gib
 from deltamoe.converters.safetensors_io import PlannedShardWriter, SafetensorsReader
 from deltamoe.megatron_ext.moe.plan import PLAN_FILE, UpcyclePlan
@@ -183,17 +185,16 @@ def _output_spec(inputs: _Inputs, name: str) -> tuple[str, torch.dtype, list[int
     return name, inputs.m.dtype(name), shape
 
 
-def _graft_group(inputs: _Inputs, dense_name: str, names: list[str], scale: float, scratch: Scratch,
-                 writer: PlannedShardWriter) -> dict[str, torch.Tensor]:
-    """M + scale * (I - B) for the M tensors made from `dense_name`, in row blocks of the dense tensor.
+def _graft_group(inputs: _Inputs, dense_name: str, b: torch.Tensor, i: torch.Tensor, m: dict[str, torch.Tensor],
+                 out: dict[str, torch.Tensor], scale: float, scratch: Scratch) -> None:
+    """Fill `out` with M + scale * (I - B) for the M tensors made from `dense_name`, in row blocks of the dense tensor.
 
     Per element this is what graft computed on whole tensors: (i.float() - b.float()) sliced and scaled as the plan
-    made the expert (`ffn_slice`), then torch.add(m.float(), part, alpha=scale) cast to M's dtype.
+    made the expert (`ffn_slice`), then torch.add(m.float(), part, alpha=scale) cast to M's dtype. Reads only its
+    arguments and writes only `out` and `scratch`, so groups run on `TensorJobs` threads side by side.
     """
-    b, i = inputs.b.get(dense_name), inputs.i.get(dense_name)
     rows = b.shape[0]
-    m = {name: inputs.m.get(name) for name in names}
-    out = {name: writer.buffer(name) for name in names}
+    names = list(m)
     sources = {name: inputs.source_of(inputs.roles[name]) for name in names}
     for start, stop in row_blocks(rows, b[0].numel() if b.ndim > 1 else 1):
         delta = scratch.upcast(0, i[start:stop]).sub_(scratch.upcast(1, b[start:stop]))
@@ -220,7 +221,14 @@ def _graft_group(inputs: _Inputs, dense_name: str, names: list[str], scale: floa
             extra = i[rows:]
             check_finite(extra, dense_name, inputs.post)
             out[name][rows:].copy_(extra.float())  # rows beyond B's vocabulary: I's
-    return out
+
+
+def _working_set_bytes(b: torch.Tensor, i: torch.Tensor) -> int:
+    """Memory one group's graft holds beyond its inputs and outputs: four float32 row blocks of scratch, and I's
+    rows beyond B's vocabulary upcast (an upper estimate, for `TensorJobs`)."""
+    row = b[0].numel() if b.ndim > 1 else 1
+    extra = (i.shape[0] - b.shape[0]) * row if i.ndim and i.shape[0] > b.shape[0] else 0
+    return 4 * 4 * max(blockwise.BLOCK_ELEMENTS, row) + 4 * extra
 
 
 def _first_use_order(reader: SafetensorsReader, dense_names: list[str]) -> list[str]:
@@ -228,12 +236,13 @@ def _first_use_order(reader: SafetensorsReader, dense_names: list[str]) -> list[
 
 
 def graft(*, base: Path, post: Path, moe: Path, out: Path, scale: float = 1.0, experts: str = "all",
-          overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> dict:
+          overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3, workers: int | None = None) -> dict:
     """Write `out` = M with alpha * (I - B) grafted; returns the manifest (also written as deltamoe_graft.json).
 
     Each input byte is read once: the inputs are hashed (for the manifest and the plan's base check) by background
     threads that read each shard just ahead of the arithmetic, which works on row blocks and hands each finished
-    tensor to a writer thread that puts it at its place in the output shard.
+    tensor to a writer thread that puts it at its place in the output shard. `workers` threads (default: the CPUs
+    this process may use) compute different dense tensors' groups side by side; the output is the same for any value.
     """
     start = time.perf_counter()
     base, post, moe, out = Path(base), Path(post), Path(moe), Path(out)
@@ -241,6 +250,9 @@ def graft(*, base: Path, post: Path, moe: Path, out: Path, scale: float = 1.0, e
         raise DeltaMoEError(f"--experts: expected one of {EXPERT_SELECTIONS}, got {experts!r}")
     if not math.isfinite(scale):
         raise DeltaMoEError(f"--scale: expected a finite number, got {scale}")
+    workers = usable_cpus() if workers is None else workers
+    if workers < 1:
+        raise DeltaMoEError(f"--workers: must be at least 1, got {workers}")
     with atomic_output_dir(out, inputs=[base, post, moe], overwrite=overwrite) as tmp:
         inputs = _Inputs(base, post, moe)
         weight_check = inputs.check_base_weights()  # cheap, before the work; file hashes are compared after it
@@ -251,34 +263,58 @@ def graft(*, base: Path, post: Path, moe: Path, out: Path, scale: float = 1.0, e
         dense_order = [d for d, _ in groups if d is not None]
         bytes_read = 0
         counts = {"grafted": 0, "unchanged": 0}
-        scratch = Scratch()
+        scratch = ThreadScratch()
         with inputs.m.hash_while_reading() as hash_m, \
                 inputs.b.hash_while_reading(_first_use_order(inputs.b, dense_order)) as hash_b, \
                 inputs.i.hash_while_reading(_first_use_order(inputs.i, dense_order)) as hash_i:
             writer = PlannedShardWriter(tmp, [_output_spec(inputs, n) for _, names in groups for n in names],
                                         max_shard_bytes=max_shard_bytes)
+            progress = tqdm(total=sum(len(names) for _, names in groups), desc="graft", unit="tensor")
+            outputs: dict[int, dict[str, torch.Tensor]] = {}  # by group (a dense tensor may head two groups)
+
+            def compute(k: int, b, i, m, out) -> int:
+                _graft_group(inputs, groups[k][0], b, i, m, out, scale, scratch.scratch)
+                return k
+
+            def written(k: int) -> None:  # in this thread, in completion order
+                nonlocal bytes_read
+                dense_name, names = groups[k]
+                for name, tensor in outputs.pop(k).items():
+                    writer.add(name, tensor)
+                    inputs.m.release(name)
+                    bytes_read += inputs.m.nbytes(name)
+                bytes_read += inputs.b.nbytes(dense_name) + inputs.i.nbytes(dense_name)
+                inputs.b.release(dense_name)
+                inputs.i.release(dense_name)
+                counts["grafted"] += len(names)
+                progress.update(len(names))
+
             try:
-                with one_torch_thread(), \
-                        tqdm(total=sum(len(names) for _, names in groups), desc="graft", unit="tensor") as progress:
-                    for dense_name, names in groups:
+                with one_torch_thread(), TensorJobs(workers, written) as jobs:
+                    for k, (dense_name, names) in enumerate(groups):
                         if dense_name is None:  # routers, gates and experts not selected: M's tensor as it is
                             m = inputs.m.get(names[0])
                             check_finite(m, names[0], moe)
                             writer.add(names[0], m)
                             bytes_read += m.nbytes
                             counts["unchanged"] += 1
-                        else:
-                            for name, tensor in _graft_group(inputs, dense_name, names, scale, scratch, writer).items():
-                                writer.add(name, tensor)
-                                inputs.m.release(name)
-                                bytes_read += inputs.m.nbytes(name)
-                            bytes_read += inputs.b.nbytes(dense_name) + inputs.i.nbytes(dense_name)
-                            inputs.b.release(dense_name)
-                            inputs.i.release(dense_name)
-                            counts["grafted"] += len(names)
-                        progress.update(len(names))
+                            progress.update(1)
+                            continue
+                        b, i = inputs.b.get(dense_name), inputs.i.get(dense_name)  # page-cache views
+                        m = {name: inputs.m.get(name) for name in names}
+                        cost = _working_set_bytes(b, i)
+                        jobs.make_room(cost)
+                        buffers = {}
+                        for name in names:
+                            while (buffer := writer.buffer(name, wait=not jobs.busy)) is None:
+                                jobs.finish_one()  # the writer waits for memory that groups still computing hold
+                            buffers[name] = buffer
+                        outputs[k] = buffers
+                        jobs.submit(cost, compute, k, b, i, m, buffers)
+                    jobs.finish_all()
                 writer.finish()
             finally:
+                progress.close()
                 writer.close()
             hashes = {"base": hash_b.result(), "post": hash_i.result(), "moe": hash_m.result()}
         base_check = inputs.check_base_hashes(hashes["base"]) or weight_check
@@ -320,12 +356,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which experts get the delta: all, original (the plan's frozen ones), new (the others)")
     parser.add_argument("--max-shard-size", type=float, default=2.0, help="output shard size in GiB (memory bound)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="threads computing tensors side by side (default: the CPUs this process may use); "
+                             "the output is the same for any value")
 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     manifest = graft(base=args.base, post=args.post, moe=args.moe, out=args.out, scale=args.scale,
-                     experts=args.experts, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024**3))
+                     experts=args.experts, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024**3),
+                     workers=args.workers)
     gb = manifest["bytes_read"] / 1e9
     print(f"grafted {manifest['tensors']['grafted']} tensors ({manifest['tensors']['unchanged']} unchanged) into "
           f"{args.out}: {manifest['elapsed_s']:.1f} s, {gb:.2f} GB read, peak RSS {manifest['peak_rss_gib']:.2f} GiB")
