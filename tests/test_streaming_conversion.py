@@ -380,6 +380,33 @@ def eager_thread_switches():
     sys.setswitchinterval(before)
 
 
+def count_side_by_side(monkeypatch, module, attr: str) -> list[int]:
+    """Wrap `module.attr` so that it lingers 5 ms and records the most calls running at once: [peak] (reset it)."""
+    running, peak, lock = [0], [0], threading.Lock()
+    wrapped = getattr(module, attr)
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.005)  # long enough for the main thread to hand the next jobs to the other workers
+            return wrapped(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(module, attr, counted)
+    return peak
+
+
+def assert_same_files(first: Path, second: Path) -> None:
+    shards = sorted(p.name for p in first.glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in second.glob("*.safetensors"))
+    for shard in [*shards, "model.safetensors.index.json"]:
+        assert (first / shard).read_bytes() == (second / shard).read_bytes(), shard
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "task_arithmetic"])
 def test_merge_output_is_the_same_for_any_number_of_workers(tmp_path, small_blocks, eager_thread_switches,
                                                             monkeypatch, method):
@@ -389,21 +416,7 @@ def test_merge_output_is_the_same_for_any_number_of_workers(tmp_path, small_bloc
     models = [rewrite(perturbed_copy(base, tmp_path / f"M{k}", seed=5 + k, extra_rows=2 * (k == 1)), torch.bfloat16)
               for k in range(2)]
     monkeypatch.setattr(blockwise, "WORKING_SET_BYTES", 500_000)  # TIES: never both 128 x 64 matrices at once
-    running, peak, lock = [0], [0], threading.Lock()
-    merge_tensor = merge._merge_tensor
-
-    def counted(*args, **kwargs):
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        try:
-            time.sleep(0.005)  # long enough for the main thread to hand the next tensors to the other workers
-            return merge_tensor(*args, **kwargs)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    monkeypatch.setattr(merge, "_merge_tensor", counted)
+    peak = count_side_by_side(monkeypatch, merge, "_merge_tensor")
     outputs = []
     for workers in (1, 3):
         out = tmp_path / f"O{workers}"
@@ -411,10 +424,7 @@ def test_merge_output_is_the_same_for_any_number_of_workers(tmp_path, small_bloc
                      max_shard_bytes=30_000, workers=workers)
         outputs.append(out)
         assert peak[0] == 1 if workers == 1 else peak[0] >= 2  # one at a time, then side by side
-    shards = sorted(p.name for p in outputs[0].glob("*.safetensors"))
-    assert len(shards) > 1 and shards == sorted(p.name for p in outputs[1].glob("*.safetensors"))
-    for shard in [*shards, "model.safetensors.index.json"]:
-        assert (outputs[0] / shard).read_bytes() == (outputs[1] / shard).read_bytes(), shard
+    assert_same_files(*outputs)
 
 
 @pytest.mark.parametrize("variant,extra_rows", [("copy", 0), ("shared", 2)])
@@ -429,21 +439,7 @@ def test_graft_output_is_the_same_for_any_number_of_workers(tmp_path, small_bloc
     moe = upcycle_hf(base, tmp_path / "M", plan, max_shard_bytes=60_000)
     rewrite_sharded(moe, perturb=0.01, keep=lambda n: any(f"experts.{e}." in n for e in plan.frozen_experts))
     monkeypatch.setattr(blockwise, "WORKING_SET_BYTES", 3_300)  # 1_600 a group (four 100-element blocks): two at once
-    running, peak, lock = [0], [0], threading.Lock()
-    graft_group = graft_module._graft_group
-
-    def counted(*args, **kwargs):
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        try:
-            time.sleep(0.005)  # long enough for the main thread to hand the next groups to the other workers
-            return graft_group(*args, **kwargs)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    monkeypatch.setattr(graft_module, "_graft_group", counted)
+    peak = count_side_by_side(monkeypatch, graft_module, "_graft_group")
     outputs = []
     for workers in (1, 3):
         out, peak[0] = tmp_path / f"O{workers}", 0
@@ -451,10 +447,7 @@ def test_graft_output_is_the_same_for_any_number_of_workers(tmp_path, small_bloc
         outputs.append((out, manifest))
         assert peak[0] == (1 if workers == 1 else 2)  # one at a time, then two side by side (the budget's limit)
     assert_same_tensors(outputs[1][0], reference_graft(base, post, moe, 0.7, "all"))
-    shards = sorted(p.name for p in outputs[0][0].glob("*.safetensors"))
-    assert len(shards) > 1 and shards == sorted(p.name for p in outputs[1][0].glob("*.safetensors"))
-    for shard in [*shards, "model.safetensors.index.json"]:
-        assert (outputs[0][0] / shard).read_bytes() == (outputs[1][0] / shard).read_bytes(), shard
+    assert_same_files(outputs[0][0], outputs[1][0])
     first, second = (m for _, m in outputs)
     assert first["inputs"] == second["inputs"] and first["tensors"] == second["tensors"]
     assert first["bytes_read"] == second["bytes_read"]
