@@ -534,3 +534,42 @@ def test_planned_writer_buffer_without_waiting(tmp_path):
         writer.close()
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert [float(got[f"t{k}"][0]) for k in range(3)] == [1.0, 2.0, 3.0]
+
+
+def test_tensor_jobs_buffer_finishes_the_jobs_holding_the_writers_memory(tmp_path):
+    # A job is filling t0's buffer; t1's would pass the writer's bound until t0 is added and written. Waiting on the
+    # writer alone would wait forever (t0 is added by this thread, in `done`); `jobs.buffer` hands t0 over first.
+    specs = [(f"t{k}", torch.float32, [256]) for k in range(2)]  # 1 KiB each
+    writer = PlannedShardWriter(tmp_path / "out", specs, max_pending_bytes=1500)
+    buffers, order, result = {}, [], {}
+
+    def fill(name: str) -> str:
+        time.sleep(0.05)
+        buffers[name].fill_(float(name[1]) + 1)
+        return name
+
+    def done(name: str) -> None:
+        order.append(name)
+        writer.add(name, buffers[name])
+
+    def main() -> None:
+        with blockwise.TensorJobs(2, done) as jobs:
+            buffers["t0"] = jobs.buffer(writer, "t0")
+            jobs.submit(0, fill, "t0")
+            buffers["t1"] = jobs.buffer(writer, "t1")
+            order.append("got t1")
+            jobs.submit(0, fill, "t1")
+            jobs.finish_all()
+        writer.finish()
+        result["ok"] = True
+
+    try:
+        thread = threading.Thread(target=main, daemon=True)
+        thread.start()
+        thread.join(timeout=20)
+        assert result.get("ok"), "jobs.buffer waited for memory its own finished job held"
+    finally:
+        writer.close()
+    assert order == ["t0", "got t1", "t1"]
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert [float(got[f"t{k}"][0]) for k in range(2)] == [1.0, 2.0]

@@ -9,16 +9,20 @@ then is each input checked on its own to name it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from deltamoe.common.errors import DeltaMoEError
+
+if TYPE_CHECKING:
+    from deltamoe.converters.safetensors_io import PlannedShardWriter
 
 BLOCK_ELEMENTS = 1 << 20
 """Elements per block: 4 MiB of float32, small enough for a core's cache, large enough that per-block Python is noise."""
@@ -63,6 +67,20 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def worker_count(workers: int | None) -> int:
+    """`--workers` as given, or the usable CPUs when unset; at least 1."""
+    workers = usable_cpus() if workers is None else workers
+    if workers < 1:
+        raise DeltaMoEError(f"--workers: must be at least 1, got {workers}")
+    return workers
+
+
+def add_workers_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=None,
+                        help="threads computing tensors side by side (default: the CPUs this process may use); "
+                             "the output is the same for any value")
+
+
 WORKING_SET_BYTES = 1 << 30
 """Working memory (estimated) that tensors computed side by side may hold together; a larger tensor runs alone."""
 
@@ -99,6 +117,13 @@ class TensorJobs:
     def submit(self, cost: int, fn: Callable[..., object], *args) -> None:
         self.make_room(cost)
         self._running[self._pool.submit(fn, *args)] = cost
+
+    def buffer(self, writer: PlannedShardWriter, name: str) -> torch.Tensor:
+        """`writer.buffer(name)` (a `PlannedShardWriter`), handing finished jobs to `done` while the writer waits for
+        memory that running jobs' outputs hold: waiting on the writer alone would wait for this thread."""
+        while (buffer := writer.buffer(name, wait=not self.busy)) is None:
+            self.finish_one()
+        return buffer
 
     def finish_one(self) -> None:
         """Wait for at least one running job and hand its result to `done` (re-raising the job's error)."""

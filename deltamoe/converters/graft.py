@@ -41,8 +41,8 @@ from deltamoe.converters.hf_moe_layout import TensorRole, format_for_dense, form
 from deltamoe.converters.hf_upcycle import ffn_slice
 from deltamoe.converters.model_card import write_graft_card
 from deltamoe.converters import blockwise
-from deltamoe.converters.blockwise import (Scratch, TensorJobs, ThreadScratch, check_block, check_finite,
-                                            one_torch_thread, row_blocks, usable_cpus)
+from deltamoe.converters.blockwise import (Scratch, TensorJobs, ThreadScratch, add_workers_argument, check_block,
+                                            check_finite, one_torch_thread, row_blocks, worker_count)
 from deltamoe.converters.merge import check_same_architecture, extra_vocab_rows, peak_rss_gib
 from deltamoe.converters.safetensors_io import PlannedShardWriter, SafetensorsReader
 from deltamoe.megatron_ext.moe.plan import PLAN_FILE, UpcyclePlan
@@ -250,9 +250,7 @@ def graft(*, base: Path, post: Path, moe: Path, out: Path, scale: float = 1.0, e
         raise DeltaMoEError(f"--experts: expected one of {EXPERT_SELECTIONS}, got {experts!r}")
     if not math.isfinite(scale):
         raise DeltaMoEError(f"--scale: expected a finite number, got {scale}")
-    workers = usable_cpus() if workers is None else workers
-    if workers < 1:
-        raise DeltaMoEError(f"--workers: must be at least 1, got {workers}")
+    workers = worker_count(workers)
     with atomic_output_dir(out, inputs=[base, post, moe], overwrite=overwrite) as tmp:
         inputs = _Inputs(base, post, moe)
         weight_check = inputs.check_base_weights()  # cheap, before the work; file hashes are compared after it
@@ -304,12 +302,7 @@ def graft(*, base: Path, post: Path, moe: Path, out: Path, scale: float = 1.0, e
                         m = {name: inputs.m.get(name) for name in names}
                         cost = _working_set_bytes(b, i)
                         jobs.make_room(cost)
-                        buffers = {}
-                        for name in names:
-                            while (buffer := writer.buffer(name, wait=not jobs.busy)) is None:
-                                jobs.finish_one()  # the writer waits for memory that groups still computing hold
-                            buffers[name] = buffer
-                        outputs[k] = buffers
+                        buffers = outputs[k] = {name: jobs.buffer(writer, name) for name in names}
                         jobs.submit(cost, compute, k, b, i, m, buffers)
                     jobs.finish_all()
                 writer.finish()
@@ -356,9 +349,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which experts get the delta: all, original (the plan's frozen ones), new (the others)")
     parser.add_argument("--max-shard-size", type=float, default=2.0, help="output shard size in GiB (memory bound)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="threads computing tensors side by side (default: the CPUs this process may use); "
-                             "the output is the same for any value")
+    add_workers_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:

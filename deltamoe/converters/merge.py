@@ -37,8 +37,8 @@ from deltamoe.common.hashing import versions
 from deltamoe.common.outputs import atomic_output_dir
 from deltamoe.common.hf_folder import check_same_tokenizer, copy_tokenizer_files, read_config
 from deltamoe.converters import blockwise
-from deltamoe.converters.blockwise import (Scratch, TensorJobs, ThreadScratch, check_block,
-                                           check_finite, one_torch_thread, row_blocks, usable_cpus)
+from deltamoe.converters.blockwise import (Scratch, TensorJobs, ThreadScratch, add_workers_argument, check_block,
+                                           check_finite, one_torch_thread, row_blocks, worker_count)
 from deltamoe.converters.hf_moe_layout import VOCAB_TENSORS
 from deltamoe.converters.model_card import write_merge_card
 from deltamoe.converters.safetensors_io import PlannedShardWriter, SafetensorsReader
@@ -189,9 +189,7 @@ def merge_models(*, method: str, base: Path, models: list[Path], out: Path, weig
         raise DeltaMoEError("--method param_delta: needs --models CPT POST [POST ...] and the weight of CPT must be 1")
     if not 0.0 < density <= 1.0:
         raise DeltaMoEError(f"--density: must be in (0, 1], got {density}")
-    workers = usable_cpus() if workers is None else workers
-    if workers < 1:
-        raise DeltaMoEError(f"--workers: must be at least 1, got {workers}")
+    workers = worker_count(workers)
     for m in models:
         check_same_architecture(base, m)
         check_same_tokenizer(base, m, flag="--models")
@@ -237,9 +235,7 @@ def merge_models(*, method: str, base: Path, models: list[Path], out: Path, weig
                         b, ts = base_reader.get(name), [r.get(name) for r in readers]  # page-cache views
                         cost = working_set_bytes(method, base_reader.shape(name), len(models), density)
                         jobs.make_room(cost)
-                        while (merged := writer.buffer(name, wait=not jobs.busy)) is None:
-                            jobs.finish_one()  # the writer waits for memory that tensors still computing hold
-                        outputs[name] = merged
+                        merged = outputs[name] = jobs.buffer(writer, name)
                         jobs.submit(cost, merge_one, name, b, ts, merged)
                     jobs.finish_all()
                 writer.finish()
@@ -386,9 +382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random drop (per tensor name)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="threads computing tensors side by side (default: the CPUs this process may use); "
-                             "the output is the same for any value")
+    add_workers_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
